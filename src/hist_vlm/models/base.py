@@ -116,6 +116,16 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         """[N, 2] logits, column 1 = match."""
 
+    def momentum_twin(self) -> "VisionLanguageBackbone | None":
+        """The momentum (EMA) copy used for ITC/MLM distillation, or None when the backbone
+        has none (BLIP). Its parameters never require grad."""
+        return None
+
+    @torch.no_grad()
+    def update_momentum(self, momentum: float) -> None:
+        """p_m = momentum * p_m + (1 - momentum) * p, for every parameter of the twin
+        (one fused `torch._foreach_*` call, not a Python loop of kernels)."""
+
     def text_generation_loss(
         self, rows: TextRows, image_embeds: Tensor, *, momentum: "VisionLanguageBackbone | None" = None
     ) -> Tensor:
