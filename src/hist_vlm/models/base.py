@@ -112,6 +112,22 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         probabilities of that layer are returned in the graph, for GradCAM.
         """
 
+    def fuse_rows(
+        self,
+        rows: TextRows,
+        image_embeds: Tensor,
+        *,
+        text_embeds: Tensor | None = None,
+        capture_layer: int | None = None,
+    ) -> FusionOutput:
+        """Fusion of token rows: the entry point losses and GradCAM use. The default reuses
+        `text_embeds` from `encode_text` (ALBEF: the fusion layers continue the text layers);
+        a backbone whose fusion re-reads the tokens (BLIP: one BERT stack run again with
+        cross-attention) overrides this and ignores `text_embeds`."""
+        if text_embeds is None:
+            text_embeds = self.encode_text(rows.input_ids, rows.attention_mask)
+        return self.fuse(text_embeds, rows.attention_mask, image_embeds, rows.image_index, capture_layer)
+
     @abc.abstractmethod
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         """[N, 2] logits, column 1 = match."""
