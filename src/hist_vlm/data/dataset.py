@@ -1,0 +1,232 @@
+"""HIST training data: `hist-vlm parse` output + an image folder -> `HistBatch`es.
+
+Every random choice of a sample (caption, phrase/pair, crop, flip) is a function of
+(seed, epoch, index) only, and the sampler's order a function of (seed, epoch). So a run
+resumed mid-epoch, or split over any number of processes and loader workers, sees exactly
+the same data as an uninterrupted single-process run.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+from hist_vlm.models.base import HistBatch, TextRows
+
+# ALBEF and BLIP both normalise with the OpenAI-CLIP statistics.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A horizontal flip would turn a true "left of" into a false one.
+_SIDE_WORD = re.compile(r"\b(left|right)", re.IGNORECASE)
+
+Tokenize = Callable[[list[str], int], tuple[Tensor, Tensor]]
+
+
+class DatasetError(ValueError):
+    """A malformed parse file; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One line of `hist-vlm parse` output, reduced to what training uses."""
+
+    image: str                          # path relative to the image root
+    captions: tuple[str, ...]
+    phrases: tuple[tuple[str, str], ...]  # (phrase C_i, its subject S_i)
+    pairs: tuple[tuple[int, int], ...]    # (i, j) indices into `phrases`
+
+
+@dataclass
+class Sample:
+    """One image and the texts drawn for it; `pixel_values` is None when the image was unreadable."""
+
+    index: int
+    pixel_values: Tensor | None         # [3, H, W]
+    caption: str
+    phrase: str
+    subject: str
+    pair: tuple[str, str] | None        # (C_i, C_j); the composite is "C_i and C_j"
+    flipped: bool
+    image_path: str
+
+
+def read_parse_output(path: str | Path) -> tuple[list[ImageRecord], int]:
+    """Records of a `hist-vlm parse` JSONL file, and how many images were dropped for having
+    no phrase (they cannot give a phrase row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"phrase file not found: {path}")
+    records, dropped = [], 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                phrases = tuple((p["text"], p["subject"]) for p in row["phrases"])
+                record = ImageRecord(
+                    image=str(row["image"]),
+                    captions=tuple(str(c) for c in row["captions"]),
+                    phrases=phrases,
+                    pairs=tuple((int(i), int(j)) for i, j in row.get("pairs", [])),
+                )
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise DatasetError(f"{path}:{lineno}: not a `hist-vlm parse` record ({e!r})") from None
+            if any(not (0 <= i < len(phrases) and 0 <= j < len(phrases)) for i, j in record.pairs):
+                raise DatasetError(f"{path}:{lineno}: a pair indexes a phrase that does not exist")
+            if not record.captions or not record.phrases:
+                dropped += 1
+                continue
+            records.append(record)
+    if not records:
+        raise DatasetError(f"{path}: no image with at least one caption and one phrase")
+    return records, dropped
+
+
+class HistDataset(Dataset):
+    """Indexed by `(epoch, index)` keys (see `GlobalBatchSampler`), so draws depend on the epoch."""
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        image_root: str | Path,
+        image_size: int,
+        *,
+        seed: int = 0,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        hflip: bool = True,
+    ) -> None:
+        self.records = records
+        self.image_root = Path(image_root)
+        self.seed = seed
+        self.hflip = hflip
+        self.crop = v2.RandomResizedCrop(
+            image_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+        )
+        self.finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGE_MEAN, IMAGE_STD)])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        epoch, index = key
+        record = self.records[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        caption = record.captions[rng.integers(len(record.captions))]
+        if record.pairs:
+            i, j = record.pairs[rng.integers(len(record.pairs))]
+            pair = (record.phrases[i][0], record.phrases[j][0])
+        else:
+            i, pair = int(rng.integers(len(record.phrases))), None
+        phrase, subject = record.phrases[i]
+        texts = (caption, phrase, subject, *(pair or ()))
+        flip = self.hflip and rng.random() < 0.5 and not any(_SIDE_WORD.search(t) for t in texts)
+        path = self.image_root / record.image
+        pixels = self._load(path, int(rng.integers(2**63)), flip)
+        return Sample(index, pixels, caption, phrase, subject, pair, flip, str(path))
+
+    def _load(self, path: Path, crop_seed: int, flip: bool) -> Tensor | None:
+        try:
+            with Image.open(path) as im:
+                image = v2.functional.to_image(im.convert("RGB"))  # [3, H, W] uint8
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(crop_seed)
+            image = self.crop(image)
+        if flip:
+            image = v2.functional.horizontal_flip(image)
+        return self.finish(image)
+
+
+class HistCollate:
+    """Samples -> (HistBatch, paths of unreadable images). Unreadable images are dropped; the
+    batch is None when none is left. Text rows point at their image through `image_index`."""
+
+    def __init__(self, tokenize: Tokenize, max_length: int) -> None:
+        self.tokenize = tokenize
+        self.max_length = max_length
+
+    def __call__(self, samples: list[Sample]) -> tuple[HistBatch | None, list[str]]:
+        skipped = [s.image_path for s in samples if s.pixel_values is None]
+        kept = [s for s in samples if s.pixel_values is not None]
+        if not kept:
+            return None, skipped
+        every = torch.arange(len(kept))
+        paired = [(b, s.pair) for b, s in enumerate(kept) if s.pair is not None]
+        pair_index = torch.tensor([b for b, _ in paired], dtype=torch.long)
+        batch = HistBatch(
+            pixel_values=torch.stack([s.pixel_values for s in kept]),  # [B, 3, H, W]
+            image_ids=torch.tensor([s.index for s in kept], dtype=torch.long),
+            captions=self._rows([s.caption for s in kept], every),
+            phrases=self._rows([s.phrase for s in kept], every),
+            subjects=self._rows([s.subject for s in kept], every),
+            pair_first=self._rows([p[0] for _, p in paired], pair_index),
+            pair_second=self._rows([p[1] for _, p in paired], pair_index),
+            composites=self._rows([f"{p[0]} and {p[1]}" for _, p in paired], pair_index),
+        )
+        return batch, skipped
+
+    def _rows(self, texts: list[str], image_index: Tensor) -> TextRows:
+        if not texts:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return TextRows(empty, empty.clone(), image_index)
+        ids, mask = self.tokenize(texts, self.max_length)
+        return TextRows(ids, mask, image_index)
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This process's micro-batches of `(epoch, index)` keys.
+
+    One permutation per epoch (seeded by (seed, epoch)) is cut into global batches of
+    `micro_batch * world_size * grad_accum` images; optimizer step s, micro-step a, rank r
+    gets the slice `[(a * world_size + r) * micro_batch, +micro_batch)` of global batch s.
+    The incomplete last global batch is dropped, so every rank runs the same step count.
+    """
+
+    def __init__(
+        self, num_items: int, micro_batch: int, *, world_size: int = 1, rank: int = 0,
+        grad_accum: int = 1, seed: int = 0,
+    ) -> None:
+        self.num_items = num_items
+        self.micro_batch = micro_batch
+        self.world_size = world_size
+        self.rank = rank
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.global_batch = micro_batch * world_size * grad_accum
+        if num_items < self.global_batch:
+            raise DatasetError(
+                f"{num_items} images are fewer than one global batch ({micro_batch} per process x "
+                f"{world_size} processes x {grad_accum} accumulation steps)"
+            )
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_items // self.global_batch
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate `epoch` from optimizer step `start_step` on (resume mid-epoch)."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        for step in range(self.start_step, self.steps_per_epoch):
+            chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
+            for a in range(self.grad_accum):
+                start = (a * self.world_size + self.rank) * self.micro_batch
+                yield [(self.epoch, int(i)) for i in chunk[start:start + self.micro_batch]]
