@@ -1,0 +1,252 @@
+"""The HIST objective: L = L_vl + w(t) * (l_p L_phrase + l_s L_subject + l_a L_add).
+
+L_vl      ITC + ITM + MLM (ALBEF) / LM (BLIP) on (image, caption)
+L_phrase  ITC + ITM + MLM/LM on (image, noun phrase C_i)
+L_subject ITC + ITM on (image, subject S_i)
+L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`train` recipe,
+          create_graph=True) of C_i, C_j and "C_i and C_j" from ONE autograd.grad call
+
+Schedules w(t), t = epochs elapsed (float):
+  paper     the paper's L = a L_vl + (1-a)(L_vl + L_HIST), a rising 0 -> 1 over the first two
+            epochs, i.e. w = 1 - a: HIST fades out (SelfEQ applies its loss in epoch 0 only)
+  constant  w = 1
+  off       the baseline: HIST terms are not computed at all
+
+The vision tower runs once per image; every text kind is encoded in one call. All random
+choices (ITM negatives, MLM masks) come from a generator seeded identically on every rank and
+drawn for the GLOBAL batch, each rank taking its slice: a step gives the same result on one
+process as on many (tests/test_ddp_hist.py). The ITC queues live here, as buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hist_vlm.losses.distributed import gather_no_grad, global_mean, local_shard, world
+from hist_vlm.losses.gradcam import gradcam_maps
+from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
+from hist_vlm.losses.itm import itm_loss
+from hist_vlm.losses.mlm import mask_tokens, mlm_loss
+from hist_vlm.losses.rows import cat_rows
+from hist_vlm.models.base import HistBatch, TextRows, VisionLanguageBackbone
+
+SCHEDULES = ("paper", "constant", "off")
+
+
+@dataclass
+class HistLossConfig:
+    schedule: str = "paper"
+    lambda_phrase: float = 1.0
+    lambda_subject: float = 1.0
+    lambda_add: float = 1.0
+    #: cross-attention layers (0-based) for the addition-loss GradCAM; None = the backbone's
+    #: `default_capture_layer` (ALBEF: 2 = BERT layer 8; BLIP: 8 = the paper's 9th layer)
+    capture_layers: tuple[int, ...] | None = None
+    capture_head: int | None = None        # None = mean over heads (the paper)
+    capture_combine: str = "mean"          # or "product" (Table 7)
+    temp: float = 0.07                     # initial temperature when the backbone has none
+    queue_size: int = 65536                # ITC queue (only with a momentum twin)
+    momentum: float = 0.995
+    alpha: float = 0.4                     # distillation weight, ramped over epoch 0 (ALBEF)
+    mlm_probability: float = 0.15
+    itm_hard_negatives: bool = True
+    paper_ramp_epochs: float = 2.0
+    seed: int = 0                          # shared by all ranks: negatives and masks
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown HIST schedule {self.schedule!r} (choose from {SCHEDULES})")
+        if self.capture_combine not in ("mean", "product"):
+            raise ValueError(f"unknown capture_combine {self.capture_combine!r} (mean or product)")
+
+
+def hist_weight(schedule: str, progress: float, ramp_epochs: float = 2.0) -> float:
+    """w(t) of the named schedule at `progress` epochs (module doc)."""
+    if schedule == "off":
+        return 0.0
+    if schedule == "constant":
+        return 1.0
+    return 1.0 - min(1.0, max(0.0, progress) / ramp_epochs)
+
+
+@dataclass
+class _Encoded:
+    """One kind of text rows with everything the losses read."""
+
+    rows: TextRows
+    embeds: Tensor       # [N, T, D]
+    feat: Tensor         # [N, E]
+    feat_m: Tensor | None
+    keys: Tensor         # [N]
+
+
+class HistLoss(nn.Module):
+    """`HistLoss(config, model)(model, batch, progress) -> {'loss', 'itc', ..., 'add', 'hist_weight'}`.
+
+    Holds the ITC queues (with a momentum twin) and, for backbones without one, the learnable
+    temperature: give its parameters to the optimizer too."""
+
+    def __init__(self, config: HistLossConfig, model: VisionLanguageBackbone) -> None:
+        super().__init__()
+        self.config = config
+        layers = config.capture_layers or (getattr(model, "default_capture_layer", None),)
+        if layers[0] is None:
+            raise ValueError(f"{type(model).__name__} has no default_capture_layer: set capture_layers")
+        self.capture_layers = tuple(int(x) for x in layers)
+        self.temp = None if isinstance(getattr(model, "temp", None), nn.Parameter) else nn.Parameter(
+            torch.tensor(config.temp)
+        )
+        self.queue: ItcQueue | None = None
+        if model.momentum_twin() is not None and config.queue_size > 0:
+            self.queue = ItcQueue(self._embed_dim(model), config.queue_size)
+        self._gen: torch.Generator | None = None
+
+    @staticmethod
+    @torch.no_grad()
+    def _embed_dim(model: VisionLanguageBackbone) -> int:
+        p = next(model.parameters())
+        one = torch.ones(1, 1, dtype=torch.long, device=p.device)
+        return model.text_features(model.encode_text(one, one)).shape[-1]
+
+    # ---------------------------------------------------------------- randomness
+    def _uniform(self, *shape: int, device: torch.device) -> Tensor:
+        """Uniforms for the local rows, drawn for the global batch ([world * n, ...]) from the
+        shared-seed generator, then sliced: identical choices on 1 or many processes."""
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device).manual_seed(self.config.seed)
+        size = world()[1]
+        return local_shard(torch.rand(shape[0] * size, *shape[1:], generator=self._gen, device=device))
+
+    def _temperature(self, model: VisionLanguageBackbone) -> Tensor:
+        temp = self.temp if self.temp is not None else model.temp
+        with torch.no_grad():
+            temp.clamp_(0.001, 0.5)  # ALBEF clamps at every forward
+        return temp
+
+    # ---------------------------------------------------------------- pieces
+    def _encode(self, model, twin, rows: TextRows) -> _Encoded:
+        embeds = model.encode_text(rows.input_ids, rows.attention_mask)  # [N, T, D]
+        feat_m = None
+        if twin is not None:
+            with torch.no_grad():
+                feat_m = twin.text_features(twin.encode_text(rows.input_ids, rows.attention_mask))
+        return _Encoded(rows, embeds, model.text_features(embeds), feat_m,
+                        text_keys(rows.input_ids, rows.attention_mask))
+
+    def _itc(self, img, texts: _Encoded, image_ids, temp, alpha) -> Tensor:
+        image_feat, image_feat_m = img
+        side = build_side(
+            image_feat, texts.feat, image_ids, texts.rows.image_index, texts.keys,
+            image_feat_m=image_feat_m, text_feat_m=texts.feat_m,
+        )
+        return itc_loss(side, temp, queue=self.queue, alpha=alpha)
+
+    def _itm(self, model, image_embeds, image_feat, texts: _Encoded, image_ids, temp) -> Tensor:
+        dev = image_embeds.device
+        return itm_loss(
+            model, image_embeds, texts.rows,
+            text_embeds=texts.embeds, text_feat=texts.feat, image_feat=image_feat, image_ids=image_ids,
+            keys=texts.keys, temp=temp,
+            u_text=self._uniform(len(texts.rows), device=dev),
+            u_image=self._uniform(image_embeds.shape[0], device=dev),
+            hard=self.config.itm_hard_negatives,
+        )
+
+    def _language(self, model, twin, rows: TextRows, image_embeds, image_embeds_m, alpha) -> Tensor:
+        """MLM with distillation when the backbone exposes `mlm_logits` (ALBEF), else its own
+        `text_generation_loss` (BLIP: captioning LM; 0 without a decoder)."""
+        if not hasattr(model, "mlm_logits"):
+            return model.text_generation_loss(rows, image_embeds)
+        tok = model.tokenizer
+        u = self._uniform(len(rows), 3, rows.input_ids.shape[1], device=image_embeds.device).transpose(0, 1)
+        ids, labels = mask_tokens(
+            rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=len(tok),
+            never_mask=(tok.pad_token_id, tok.cls_token_id), probability=self.config.mlm_probability,
+        )
+        masked = TextRows(ids, rows.attention_mask, rows.image_index)
+        logits_m = None
+        if twin is not None and alpha > 0:
+            with torch.no_grad():
+                logits_m = twin.mlm_logits(masked, image_embeds_m)
+        return mlm_loss(model.mlm_logits(masked, image_embeds), labels, logits_m, alpha)
+
+    def _addition(self, model, image_embeds, batch: HistBatch) -> Tensor:
+        n = len(batch.pair_first)
+        if n == 0:
+            return image_embeds.new_zeros(())
+        rows = cat_rows(batch.pair_first, batch.pair_second, batch.composites)
+        maps = gradcam_maps(
+            model, image_embeds, rows, layers=self.capture_layers, head=self.config.capture_head,
+            combine=self.config.capture_combine, recipe="train", create_graph=True,
+        )  # [3n, gh, gw]
+        g_i, g_j, g_ij = maps.split(n)
+        return global_mean((g_i + g_j - g_ij).abs().sum((1, 2)))
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
+        cfg = self.config
+        w = hist_weight(cfg.schedule, progress, cfg.paper_ramp_epochs)
+        twin = model.momentum_twin()
+        alpha = cfg.alpha * min(1.0, max(0.0, progress)) if twin is not None else 0.0
+        if twin is not None:
+            model.update_momentum(cfg.momentum)
+        temp = self._temperature(model)
+
+        image_embeds = model.encode_image(batch.pixel_values)  # [B, 1+P, Dv], once per image
+        img = (model.image_features(image_embeds), None)
+        image_embeds_m = None
+        if twin is not None:
+            with torch.no_grad():
+                image_embeds_m = twin.encode_image(batch.pixel_values)
+                img = (img[0], twin.image_features(image_embeds_m))
+
+        kinds = [batch.captions] + ([batch.phrases, batch.subjects] if w > 0 else [])
+        encoded = self._encode_all(model, twin, kinds)
+        caps = encoded[0]
+        out: dict[str, Tensor] = {
+            "itc": self._itc(img, caps, batch.image_ids, temp, alpha),
+            "itm": self._itm(model, image_embeds, img[0], caps, batch.image_ids, temp),
+            "mlm": self._language(model, twin, caps.rows, image_embeds, image_embeds_m, alpha),
+        }
+        total = out["itc"] + out["itm"] + out["mlm"]
+        zero = image_embeds.new_zeros(())
+        for key in ("phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add"):
+            out[key] = zero
+        if w > 0:
+            phr, sub = encoded[1], encoded[2]
+            out["phrase_itc"] = self._itc(img, phr, batch.image_ids, temp, alpha)
+            out["phrase_itm"] = self._itm(model, image_embeds, img[0], phr, batch.image_ids, temp)
+            out["phrase_mlm"] = self._language(model, twin, phr.rows, image_embeds, image_embeds_m, alpha)
+            out["subject_itc"] = self._itc(img, sub, batch.image_ids, temp, alpha)
+            out["subject_itm"] = self._itm(model, image_embeds, img[0], sub, batch.image_ids, temp)
+            out["add"] = self._addition(model, image_embeds, batch)
+            hist = (
+                cfg.lambda_phrase * (out["phrase_itc"] + out["phrase_itm"] + out["phrase_mlm"])
+                + cfg.lambda_subject * (out["subject_itc"] + out["subject_itm"])
+                + cfg.lambda_add * out["add"]
+            )
+            total = total + w * hist
+        if self.queue is not None:  # after every ITC term of this step has read the queue
+            row_ids = batch.image_ids[caps.rows.image_index]
+            self.queue.enqueue(gather_no_grad(img[1][caps.rows.image_index]), gather_no_grad(caps.feat_m),
+                               gather_no_grad(row_ids))
+        out["loss"] = total
+        out["hist_weight"] = torch.tensor(w)
+        out["temp"] = temp.detach()
+        return out
+
+    def _encode_all(self, model, twin, kinds: list[TextRows]) -> list[_Encoded]:
+        """Every kind of text through the text encoder in ONE call, then split back (each
+        block sliced to its own padded length)."""
+        rows = cat_rows(*kinds)
+        enc = self._encode(model, twin, rows)
+        parts, start = [], 0
+        for k in kinds:
+            n, t = k.input_ids.shape
+            sl = slice(start, start + n)
+            parts.append(_Encoded(k, enc.embeds[sl, :t], enc.feat[sl],
+                                  None if enc.feat_m is None else enc.feat_m[sl], enc.keys[sl]))
+            start += n
+        return parts

@@ -1,0 +1,144 @@
+"""Image-text contrastive loss: multi-positive targets, momentum distillation, feature queues.
+
+ALBEF recipe (with a momentum twin): rows are the online features, columns the momentum
+features of the whole global batch (gathered) plus the queues; targets are
+`alpha * softmax(momentum sims) + (1 - alpha) * positives`. BLIP (no twin): plain in-batch
+ITC, columns are the online features gathered across ranks WITH gradient (open_clip's
+gather_with_grad + local_loss), no queue, no distillation, learnable temperature.
+
+Positives are not just the diagonal: a text is positive for an image when it belongs to
+that image (same dataset image id) OR is token-identical to a text that does (a batch holds
+many "a man"), so identical texts are never each other's negatives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hist_vlm.losses.distributed import gather_no_grad, gather_with_grad, global_mean
+
+
+def text_keys(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[N, T] -> [N] int64 hash of the token ids; equal texts get equal keys whatever the
+    padding (pads are zeroed and add nothing), so keys can be compared across ranks."""
+    coef = torch.tensor(
+        [pow(1_000_003, i + 1, 2**61 - 1) for i in range(input_ids.shape[1])],
+        dtype=torch.int64, device=input_ids.device,
+    )  # position weights, the same prefix for every padded length
+    return ((input_ids * attention_mask) * coef).sum(-1)  # wraps on overflow: still a hash
+
+
+@dataclass
+class ItcSide:
+    """What one kind of rows brings to the ITC loss; `*_cols` are already gathered."""
+
+    image_feat: Tensor        # [B, E] online, local images
+    text_feat: Tensor         # [N, E] online, local rows
+    image_ids: Tensor         # [B] dataset image ids, local
+    row_image_ids: Tensor     # [N] image id of each local row
+    keys: Tensor              # [N] text keys of local rows
+    image_cols: Tensor        # [Bg, E] columns for text->image (momentum or online-with-grad)
+    text_cols: Tensor         # [Ng, E]
+    image_ids_cols: Tensor    # [Bg]
+    row_image_ids_cols: Tensor  # [Ng]
+    keys_cols: Tensor         # [Ng]
+    image_feat_m: Tensor | None = None  # [B, E] momentum, for distillation targets
+    text_feat_m: Tensor | None = None   # [N, E]
+
+
+class ItcQueue(nn.Module):
+    """Momentum-feature queues (ALBEF/MoCo) with wrap-around enqueue (SelfEQ fixed ALBEF's
+    `queue_size % batch == 0` assert this way). The pointer stays on the device: no host sync."""
+
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("image_queue", F.normalize(torch.randn(size, dim), dim=1))  # [Q, E]
+        self.register_buffer("text_queue", F.normalize(torch.randn(size, dim), dim=1))   # [Q, E]
+        self.register_buffer("id_queue", torch.full((size,), -100, dtype=torch.long))   # [Q]
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor) -> None:
+        """Rows of the (gathered) momentum features, paired: text i belongs to image_ids[i]."""
+        n = min(text_feat.shape[0], self.size)
+        idx = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+        self.image_queue.index_copy_(0, idx, image_feat[-n:].to(self.image_queue.dtype))
+        self.text_queue.index_copy_(0, idx, text_feat[-n:].to(self.text_queue.dtype))
+        self.id_queue.index_copy_(0, idx, image_ids[-n:])
+        self.ptr.copy_((self.ptr + n) % self.size)
+
+
+def positive_masks(
+    row_ids: Tensor, keys: Tensor, image_ids: Tensor,
+    row_ids_cols: Tensor, keys_cols: Tensor, image_ids_cols: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Bool positives (t2i [N, Bg], i2t [B, Ng]) of local rows/images against the columns.
+
+    row_ids [N] image id of each row, keys [N] text keys, image_ids [B]; `*_cols` the same
+    for the column side (gathered, or the local tensors again)."""
+    same_key = keys.unsqueeze(1) == keys_cols.unsqueeze(0)                      # [N, Ng]
+    key_cols_same = keys_cols.unsqueeze(1) == keys_cols.unsqueeze(0)            # [Ng, Ng]
+    text_of_img = row_ids_cols.unsqueeze(1) == image_ids_cols.unsqueeze(0)      # [Ng, Bg]
+    t2i = (row_ids.unsqueeze(1) == image_ids_cols.unsqueeze(0)) | (same_key.float() @ text_of_img.float() > 0)
+    img_has = image_ids.unsqueeze(1) == row_ids_cols.unsqueeze(0)               # [B, Ng]
+    i2t = img_has.float() @ key_cols_same.float() > 0
+    return t2i, i2t
+
+
+def _soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    return -(F.log_softmax(logits, dim=1) * targets).sum(1)  # [rows]
+
+
+def itc_loss(side: ItcSide, temp: Tensor, *, queue: ItcQueue | None = None, alpha: float = 0.0) -> Tensor:
+    """(t2i + i2t) / 2, each a global mean over rows with at least one positive."""
+    pos_t2i, pos_i2t = positive_masks(
+        side.row_image_ids, side.keys, side.image_ids,
+        side.row_image_ids_cols, side.keys_cols, side.image_ids_cols,
+    )
+    img_cols, txt_cols = side.image_cols, side.text_cols
+    if queue is not None:
+        q_img = queue.image_queue.clone().detach()
+        q_txt = queue.text_queue.clone().detach()
+        q_ids = queue.id_queue.clone()
+        pos_t2i = torch.cat([pos_t2i, side.row_image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)
+        pos_i2t = torch.cat([pos_i2t, side.image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)
+        img_cols = torch.cat([img_cols, q_img])  # [Bg+Q, E]
+        txt_cols = torch.cat([txt_cols, q_txt])  # [Ng+Q, E]
+    sim_t2i = side.text_feat @ img_cols.t() / temp   # [N, Bg(+Q)]
+    sim_i2t = side.image_feat @ txt_cols.t() / temp  # [B, Ng(+Q)]
+    with torch.no_grad():
+        tgt_t2i = pos_t2i.float() / pos_t2i.sum(1, keepdim=True).clamp(min=1)
+        tgt_i2t = pos_i2t.float() / pos_i2t.sum(1, keepdim=True).clamp(min=1)
+        if alpha > 0 and side.text_feat_m is not None:
+            tgt_t2i = alpha * F.softmax(side.text_feat_m @ img_cols.t() / temp, 1) + (1 - alpha) * tgt_t2i
+            tgt_i2t = alpha * F.softmax(side.image_feat_m @ txt_cols.t() / temp, 1) + (1 - alpha) * tgt_i2t
+    t2i = global_mean(_soft_ce(sim_t2i, tgt_t2i), pos_t2i.any(1))
+    i2t = global_mean(_soft_ce(sim_i2t, tgt_i2t), pos_i2t.any(1))
+    return (t2i + i2t) / 2
+
+
+def build_side(
+    image_feat: Tensor,
+    text_feat: Tensor,
+    image_ids: Tensor,
+    image_index: Tensor,
+    keys: Tensor,
+    *,
+    image_feat_m: Tensor | None = None,
+    text_feat_m: Tensor | None = None,
+) -> ItcSide:
+    """Gather the columns: momentum features when given (no grad), else the online ones with grad."""
+    if image_feat_m is not None and text_feat_m is not None:
+        image_cols, text_cols = gather_no_grad(image_feat_m), gather_no_grad(text_feat_m)
+    else:
+        image_cols, text_cols = gather_with_grad(image_feat), gather_with_grad(text_feat)
+    row_ids = image_ids[image_index]
+    return ItcSide(
+        image_feat, text_feat, image_ids, row_ids, keys,
+        image_cols, text_cols, gather_no_grad(image_ids), gather_no_grad(row_ids), gather_no_grad(keys),
+        image_feat_m, text_feat_m,
+    )

@@ -1,0 +1,79 @@
+"""Image-text matching with hard negatives sampled from ITC similarities, on the device.
+
+For every text row one negative image, for every image one negative text, drawn with
+probability softmax(sim / temp) over the local batch (ALBEF), positives excluded (same image
+id or token-identical text: "a man" of image 2 is no negative for image 1's "a man").
+Sampling is inverse-CDF on uniform draws the caller supplies: one `searchsorted` over the
+whole [N, B] weight matrix, no `.item()`, and the same draws give the same negatives whatever
+the number of processes (the draws come from a shared-seed generator, see HistLoss).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hist_vlm.losses.distributed import global_mean
+from hist_vlm.losses.itc import positive_masks
+from hist_vlm.losses.rows import cat_rows
+from hist_vlm.models.base import TextRows, VisionLanguageBackbone
+
+
+def sample_rows(weights: Tensor, u: Tensor) -> Tensor:
+    """One categorical draw per row of `weights` [N, K] (>= 0) from uniforms `u` [N] -> [N].
+    Rows without any weight fall back to uniform."""
+    empty = weights.sum(1, keepdim=True) <= 0
+    weights = torch.where(empty, torch.ones_like(weights), weights)
+    cdf = weights.cumsum(1)  # [N, K]
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # [N, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=weights.shape[1] - 1)
+
+
+def hard_negatives(
+    text_feat: Tensor, image_feat: Tensor, temp: Tensor, pos: Tensor, u_text: Tensor, u_image: Tensor,
+    *, hard: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(negative image per text [N], negative text per image [B]); pos [N, B] local positives."""
+    with torch.no_grad():
+        if hard:
+            sim = text_feat.float() @ image_feat.float().t() / temp.float()  # [N, B]
+            w_t2i = F.softmax(sim, 1).masked_fill(pos, 0)
+            w_i2t = F.softmax(sim.t(), 1).masked_fill(pos.t(), 0)  # [B, N]
+        else:  # uniform over the non-positives
+            w_t2i = (~pos).float()
+            w_i2t = (~pos.t()).float()
+        return sample_rows(w_t2i, u_text), sample_rows(w_i2t, u_image)
+
+
+def itm_loss(
+    model: VisionLanguageBackbone,
+    image_embeds: Tensor,
+    rows: TextRows,
+    *,
+    text_embeds: Tensor,
+    text_feat: Tensor,
+    image_feat: Tensor,
+    image_ids: Tensor,
+    keys: Tensor,
+    temp: Tensor,
+    u_text: Tensor,
+    u_image: Tensor,
+    hard: bool = True,
+) -> Tensor:
+    """Cross-entropy over N positives + N (text, negative image) + B (negative text, image) rows,
+    fused in ONE pass."""
+    b = image_embeds.shape[0]
+    row_ids = image_ids[rows.image_index]
+    pos, _ = positive_masks(row_ids, keys, image_ids, row_ids, keys, image_ids)  # [N, B]
+    neg_img, neg_txt = hard_negatives(text_feat, image_feat, temp, pos, u_text, u_image, hard=hard)
+    arange_b = torch.arange(b, device=image_embeds.device)
+    all_rows = cat_rows(
+        rows,
+        TextRows(rows.input_ids, rows.attention_mask, neg_img),
+        TextRows(rows.input_ids[neg_txt], rows.attention_mask[neg_txt], arange_b),
+    )
+    all_embeds = torch.cat([text_embeds, text_embeds, text_embeds[neg_txt]])  # [2N+B, T, D]
+    logits = model.itm_logits(model.fuse_rows(all_rows, image_embeds, text_embeds=all_embeds))  # [2N+B, 2]
+    n = len(rows)
+    labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n + b, dtype=torch.long)]).to(logits.device)
+    return global_mean(F.cross_entropy(logits.float(), labels, reduction="none"))

