@@ -1,0 +1,534 @@
+"""ALBEF (Li et al., 2021) as a `VisionLanguageBackbone`, numerically the reference model.
+
+Module and parameter names follow the official checkpoints (`visual_encoder.*`,
+`text_encoder.bert.*`, `text_encoder.cls.*`, `*_m` momentum copies), so `ALBEF.pth` loads by
+name. The ViT is timm's; BERT reuses transformers' embeddings, feed-forward and MLM head.
+The attention is written here because HIST needs the softmax probabilities of one
+cross-attention layer, pre-dropout and in the graph, and because the cross-attention keys and
+values are projected once per image and then gathered for the text rows that point at it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertIntermediate,
+    BertOnlyMLMHead,
+    BertOutput,
+    BertSelfOutput,
+)
+
+from hist_vlm.models.base import FusionOutput, VisionLanguageBackbone
+from hist_vlm.models.tokenization import AlbefTokenizer
+
+# Names that ALBEF's YAML / config_bert.json use for the same sizes.
+_ALIASES = {
+    "image_res": "image_size",
+    "hidden_size": "text_width",
+    "num_hidden_layers": "text_layers",
+    "num_attention_heads": "text_heads",
+    "intermediate_size": "text_intermediate_size",
+    "encoder_width": "vision_width",
+    "layer_norm_eps": "text_layer_norm_eps",
+    "hidden_dropout_prob": "hidden_dropout",
+    "attention_probs_dropout_prob": "attention_dropout",
+}
+
+
+@dataclass
+class AlbefConfig:
+    """Every size of the model. The defaults are ALBEF-base (ViT-B/16 + BERT-base, fusion at 6)."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_depth: int = 12
+    vision_heads: int = 12
+    vision_mlp_ratio: float = 4.0
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_intermediate_size: int = 3072
+    fusion_layer: int = 6          # layers [0, fusion_layer) are text-only, the rest cross-attend
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    embed_dim: int = 256           # ITC projection size
+    temp: float = 0.07             # initial ITC temperature (a learnable parameter)
+    momentum: bool = True          # build the momentum (EMA) copies used for distillation
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    text_layer_norm_eps: float = 1e-12
+    max_length: int | None = 25    # default tokenizer truncation, counts [CLS]
+    vocab_file: str | None = None  # None: bert-base-uncased from the pinned vocab package
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.vision_width % self.vision_heads or self.text_width % self.text_heads:
+            raise ValueError("vision_width/text_width must be multiples of vision_heads/text_heads")
+        if not 0 <= self.fusion_layer < self.text_layers:
+            raise ValueError(f"fusion_layer must be in [0, {self.text_layers}), got {self.fusion_layer}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlbefConfig":
+        """Our field names or ALBEF's (`image_res`, `hidden_size`, `encoder_width`, ...);
+        unknown keys are an error, not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        out: dict = {}
+        for key, value in d.items():
+            name = _ALIASES.get(key, key)
+            if name not in known:
+                raise ValueError(f"unknown ALBEF config key {key!r}; known: {', '.join(sorted(known))}")
+            out[name] = value
+        return cls(**out)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def bert_config(self) -> BertConfig:
+        """The transformers config that its BERT building blocks read."""
+        return BertConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.text_width,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_heads,
+            intermediate_size=self.text_intermediate_size,
+            hidden_act="gelu",
+            hidden_dropout_prob=self.hidden_dropout,
+            attention_probs_dropout_prob=self.attention_dropout,
+            max_position_embeddings=self.max_position_embeddings,
+            type_vocab_size=self.type_vocab_size,
+            layer_norm_eps=self.text_layer_norm_eps,
+            pad_token_id=0,
+        )
+
+
+def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
+    """timm ViT with a class token, no head, LayerNorm eps 1e-6, exact GELU: ALBEF's key layout."""
+    return VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.vision_width,
+        depth=cfg.vision_depth,
+        num_heads=cfg.vision_heads,
+        mlp_ratio=cfg.vision_mlp_ratio,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="token",
+        class_token=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+    )
+
+
+class AlbefSelfAttention(nn.Module):
+    """Multi-head attention with BERT's parameter names (`query`, `key`, `value`).
+
+    Keys/values may come from image embeddings `[B, S, Dv]` that are projected once and then
+    gathered with `kv_index` for the N text rows. When the probabilities are asked for they are
+    computed explicitly (pre-dropout, in the graph); otherwise the fused SDPA kernel runs.
+    """
+
+    def __init__(self, width: int, heads: int, kv_width: int, dropout: float):
+        super().__init__()
+        self.num_heads = heads
+        self.head_dim = width // heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [*, H, L, d]
+
+    def forward(
+        self,
+        hidden: Tensor,                    # [N, T, D]
+        mask: Tensor | None = None,        # [N, 1, 1, S] additive
+        kv: Tensor | None = None,          # [B, S, Dv]; None = self-attention
+        kv_index: Tensor | None = None,    # [N] row -> kv row
+        need_probs: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        source = hidden if kv is None else kv
+        q = self._heads(self.query(hidden))  # [N, H, T, d]
+        k = self._heads(self.key(source))    # [B, H, S, d]
+        v = self._heads(self.value(source))
+        if kv_index is not None:
+            k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)  # [N, H, S, d]
+        probs = None
+        if need_probs:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # [N, H, T, S]
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.softmax(dim=-1)
+            context = self.dropout(probs) @ v
+        else:
+            drop = self.dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        context = context.transpose(1, 2).reshape(*hidden.shape[:2], -1)  # [N, T, D]
+        return context, probs
+
+
+class AlbefAttention(nn.Module):
+    """Attention + post-norm residual (`.self`, `.output` as in BERT)."""
+
+    def __init__(self, bert: BertConfig, kv_width: int):
+        super().__init__()
+        self.self = AlbefSelfAttention(
+            bert.hidden_size, bert.num_attention_heads, kv_width, bert.attention_probs_dropout_prob
+        )
+        self.output = BertSelfOutput(bert)
+
+    def forward(self, hidden: Tensor, mask=None, kv=None, kv_index=None, need_probs=False):
+        context, probs = self.self(hidden, mask, kv, kv_index, need_probs)
+        return self.output(context, hidden), probs
+
+
+class AlbefLayer(nn.Module):
+    """One BERT layer; from `fusion_layer` on it cross-attends to the image between
+    self-attention and the feed-forward block."""
+
+    def __init__(self, bert: BertConfig, vision_width: int, cross: bool):
+        super().__init__()
+        self.attention = AlbefAttention(bert, bert.hidden_size)
+        if cross:
+            self.crossattention = AlbefAttention(bert, vision_width)
+        self.has_cross_attention = cross
+        self.intermediate = BertIntermediate(bert)
+        self.output = BertOutput(bert)
+
+    def forward(self, hidden, mask, image_embeds=None, image_index=None, capture=False):
+        hidden, _ = self.attention(hidden, mask)
+        probs = None
+        if self.has_cross_attention:
+            if image_embeds is None:
+                raise ValueError("a cross-attention layer needs image embeddings")
+            hidden, probs = self.crossattention(hidden, None, image_embeds, image_index, capture)
+        return self.output(self.intermediate(hidden), hidden), probs
+
+
+class AlbefEncoder(nn.Module):
+    def __init__(self, bert: BertConfig, vision_width: int, fusion_layer: int):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            AlbefLayer(bert, vision_width, cross=i >= fusion_layer) for i in range(bert.num_hidden_layers)
+        )
+
+
+class AlbefBert(nn.Module):
+    """`BertModel(add_pooling_layer=False)` with ALBEF's text / fusion / multimodal modes."""
+
+    def __init__(self, bert: BertConfig, vision_width: int, fusion_layer: int):
+        super().__init__()
+        self.fusion_layer = fusion_layer
+        self.embeddings = BertEmbeddings(bert)
+        self.encoder = AlbefEncoder(bert, vision_width, fusion_layer)
+
+    def run(
+        self,
+        hidden: Tensor,                   # [N, T, D]
+        attention_mask: Tensor,           # [N, T], 1 = token
+        layers: range,
+        image_embeds: Tensor | None = None,
+        image_index: Tensor | None = None,
+        capture_block: int | None = None,  # absolute layer index whose cross-attention to return
+    ) -> tuple[Tensor, Tensor | None]:
+        mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0  # [N, 1, 1, T]
+        captured = None
+        for i in layers:
+            hidden, probs = self.encoder.layer[i](hidden, mask, image_embeds, image_index, i == capture_block)
+            if i == capture_block:
+                captured = probs
+        return hidden, captured
+
+
+class AlbefTextEncoder(nn.Module):
+    """`BertForMaskedLM` layout: `.bert` plus the MLM head `.cls`, decoder tied to the word embeddings."""
+
+    def __init__(self, cfg: AlbefConfig):
+        super().__init__()
+        bert = cfg.bert_config()
+        self.num_layers = cfg.text_layers
+        self.fusion_layer = cfg.fusion_layer
+        self.bert = AlbefBert(bert, cfg.vision_width, cfg.fusion_layer)
+        self.cls = BertOnlyMLMHead(bert)
+        self.apply(partial(_init_bert, std=bert.initializer_range))
+        predictions = self.cls.predictions
+        predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        predictions.decoder.bias = predictions.bias
+
+    def text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text mode, layers [0, fusion_layer): [N, T] -> [N, T, D]."""
+        hidden = self.bert.embeddings(input_ids=input_ids)
+        return self.bert.run(hidden, attention_mask, range(self.fusion_layer))[0]
+
+    def fusion(
+        self,
+        text_embeds: Tensor,
+        attention_mask: Tensor,
+        image_embeds: Tensor,
+        image_index: Tensor | None,
+        capture_layer: int | None = None,
+    ) -> FusionOutput:
+        """Fusion mode, layers [fusion_layer, L), on the output of `text`."""
+        capture_block = None
+        if capture_layer is not None:
+            n_cross = self.num_layers - self.fusion_layer
+            if not 0 <= capture_layer < n_cross:
+                raise ValueError(f"capture_layer must be in [0, {n_cross}) (cross-attention layers), got {capture_layer}")
+            capture_block = self.fusion_layer + capture_layer
+        hidden, probs = self.bert.run(
+            text_embeds, attention_mask, range(self.fusion_layer, self.num_layers),
+            image_embeds, image_index, capture_block,
+        )
+        return FusionOutput(last_hidden_state=hidden, cross_attention=probs)
+
+    def mlm_logits(self, input_ids, attention_mask, image_embeds, image_index) -> Tensor:
+        """Multimodal pass over all layers + MLM head: [N, T] -> [N, T, vocab]."""
+        hidden = self.bert.embeddings(input_ids=input_ids)
+        hidden = self.bert.run(hidden, attention_mask, range(self.num_layers), image_embeds, image_index)[0]
+        return self.cls(hidden)
+
+
+def _init_bert(module: nn.Module, std: float) -> None:
+    """BERT's initialisation (normal(0, 0.02), LayerNorm 1/0) for a model trained from scratch."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class _Towers(NamedTuple):
+    visual: VisionTransformer
+    text: AlbefTextEncoder
+    vision_proj: nn.Linear
+    text_proj: nn.Linear
+
+
+def _rows(image_index: Tensor | None, n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device) if image_index is None else image_index
+
+
+class _AlbefProtocol(VisionLanguageBackbone):
+    """The protocol over one set of towers; the online model and its momentum twin share it."""
+
+    config: AlbefConfig
+    tokenizer: AlbefTokenizer
+
+    def _towers(self) -> _Towers:
+        raise NotImplementedError
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        g = self.config.image_size // self.config.patch_size
+        return (g, g)
+
+    @property
+    def num_cross_attention_layers(self) -> int:
+        return self.config.text_layers - self.config.fusion_layer
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
+        """`[CLS] wordpieces` (no [SEP]) after `pre_caption`; `max_length` defaults to the config's."""
+        return self.tokenizer(texts, max_length if max_length is not None else self.config.max_length)
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, 1+P, Dv]."""
+        size = self.config.image_size
+        if pixel_values.shape[-2:] != (size, size):
+            raise ValueError(f"ALBEF is configured for {size}x{size} images, got {tuple(pixel_values.shape[-2:])}")
+        return self._towers().visual.forward_features(pixel_values)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self._towers().text.text(input_ids, attention_mask)
+
+    def image_features(self, image_embeds: Tensor) -> Tensor:
+        return F.normalize(self._towers().vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_features(self, text_embeds: Tensor) -> Tensor:
+        return F.normalize(self._towers().text_proj(text_embeds[:, 0]), dim=-1)
+
+    def fuse(
+        self,
+        text_embeds: Tensor,
+        attention_mask: Tensor,
+        image_embeds: Tensor,
+        image_index: Tensor | None = None,
+        capture_layer: int | None = None,
+    ) -> FusionOutput:
+        """See the protocol. `image_index=None` pairs row i with image i. The captured
+        probabilities are `[N, heads, T, 1+P]`; index 2 with fusion_layer 6 is ALBEF's block 8."""
+        index = _rows(image_index, text_embeds.shape[0], text_embeds.device)
+        return self._towers().text.fusion(text_embeds, attention_mask, image_embeds, index, capture_layer)
+
+    def mlm_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_index: Tensor | None = None
+    ) -> Tensor:
+        """Full multimodal pass + MLM head: input_ids [N, T] (already masked by the caller),
+        image_embeds [B, 1+P, Dv] gathered by image_index [N] -> logits [N, T, vocab]."""
+        index = _rows(image_index, input_ids.shape[0], input_ids.device)
+        return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, index)
+
+
+class AlbefModel(_AlbefProtocol):
+    """ALBEF with ITC projections, ITM head, learnable `temp` and (optionally) momentum copies.
+
+    Beyond the protocol: `mlm_logits` (also on the momentum twin), `itm_logits_from`,
+    `itc_similarity`, `save_pretrained` / `from_pretrained` (safetensors + JSON) and
+    `from_albef_checkpoint` (official `.pth` files, see `albef_checkpoint`).
+    """
+
+    def __init__(self, config: AlbefConfig | None = None, tokenizer: AlbefTokenizer | None = None):
+        super().__init__()
+        self.config = cfg = config or AlbefConfig()
+        self.tokenizer = tokenizer or AlbefTokenizer(cfg.vocab_file)
+        self.visual_encoder = build_vision_encoder(cfg)
+        self.text_encoder = AlbefTextEncoder(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        if cfg.momentum:
+            for name in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
+                twin = copy.deepcopy(getattr(self, name)).requires_grad_(False)
+                setattr(self, f"{name}_m", twin)
+
+    def _towers(self) -> _Towers:
+        return _Towers(self.visual_encoder, self.text_encoder, self.vision_proj, self.text_proj)
+
+    def itm_logits(self, fused: FusionOutput) -> Tensor:
+        return self.itm_head(fused.last_hidden_state[:, 0])  # [N, 2]
+
+    def momentum_twin(self) -> "AlbefMomentumTwin | None":
+        return AlbefMomentumTwin(self) if self.config.momentum else None
+
+    def _momentum_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        if not self.config.momentum:
+            raise RuntimeError("this ALBEF model was built with momentum=False")
+        online, ema = [], []
+        for name in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
+            online += list(getattr(self, name).parameters())
+            ema += list(getattr(self, f"{name}_m").parameters())
+        return online, ema
+
+    @torch.no_grad()
+    def update_momentum(self, momentum: float) -> None:
+        online, ema = self._momentum_pairs()
+        torch._foreach_mul_(ema, momentum)
+        torch._foreach_add_(ema, online, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def copy_params_to_momentum(self) -> None:
+        """Momentum copies := online weights (ALBEF's `copy_params`)."""
+        online, ema = self._momentum_pairs()
+        torch._foreach_copy_(ema, online)
+
+    # --- reference-parity entry points (ALBEF's evaluation code, as functions) ---
+
+    def itm_logits_from(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """ITM logits of text i against image i: [B, 3, H, W], [B, T], [B, T] -> [B, 2]."""
+        text = self.encode_text(input_ids, attention_mask)
+        return self.itm_logits(self.fuse(text, attention_mask, self.encode_image(pixel_values), None))
+
+    def itc_similarity(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, *, divide_by_temp: bool = False
+    ) -> Tensor:
+        """[B_img, B_txt] cosine similarity of the normalised ITC features, as ALBEF's retrieval
+        evaluation ranks with (`image_feat @ text_feat.t()`); `divide_by_temp=True` gives the
+        training logits `sim_i2t = image_feat @ text_feat.t() / temp`."""
+        image = self.image_features(self.encode_image(pixel_values))
+        text = self.text_features(self.encode_text(input_ids, attention_mask))
+        sim = image @ text.t()
+        return sim / self.temp if divide_by_temp else sim
+
+    # --- checkpoints ---
+
+    def save_pretrained(self, directory) -> None:
+        """`model.safetensors` + `config.json` in `directory`."""
+        from hist_vlm.models.albef_checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "AlbefModel":
+        from hist_vlm.models.albef_checkpoint import from_pretrained
+
+        return from_pretrained(directory)
+
+    @classmethod
+    def from_albef_checkpoint(cls, path, config: AlbefConfig | None = None, verbose: bool = True) -> "AlbefModel":
+        """Build from an official ALBEF/SelfEQ `.pth` (sizes inferred from the weights unless
+        `config` is given) and load it; the load report is kept in `model.load_report`."""
+        from hist_vlm.models.albef_checkpoint import load_albef_model
+
+        return load_albef_model(path, config, verbose=verbose)
+
+
+class AlbefMomentumTwin(_AlbefProtocol):
+    """The protocol on the momentum copies (`*_m`). Every call runs without autograd.
+    ALBEF has no momentum ITM head, so `itm_logits` is not available here."""
+
+    def __init__(self, model: AlbefModel):
+        super().__init__()
+        self.config = model.config
+        self.tokenizer = model.tokenizer
+        self.visual_encoder_m = model.visual_encoder_m
+        self.text_encoder_m = model.text_encoder_m
+        self.vision_proj_m = model.vision_proj_m
+        self.text_proj_m = model.text_proj_m
+
+    def _towers(self) -> _Towers:
+        return _Towers(self.visual_encoder_m, self.text_encoder_m, self.vision_proj_m, self.text_proj_m)
+
+    def itm_logits(self, fused: FusionOutput) -> Tensor:
+        raise RuntimeError("ALBEF's momentum model has no ITM head; use the online model's itm_logits")
+
+    def momentum_twin(self) -> None:
+        return None
+
+
+for _name in ("encode_image", "encode_text", "image_features", "text_features", "fuse", "mlm_logits"):
+    setattr(AlbefMomentumTwin, _name, torch.no_grad()(getattr(_AlbefProtocol, _name)))
+
+
+def reference_gradcam(
+    model: AlbefModel, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, block_num: int = 8
+) -> Tensor:
+    """ALBEF's evaluation GradCAM (`Grounding.py`, `gradcam_mode='itm'`), text i on image i.
+
+    Runs in eval mode (restored afterwards): d(match logit)/d(cross-attention probabilities)
+    of absolute BERT layer `block_num`, image-CLS column dropped, gradient clamped at 0
+    element-wise, times the attention, padding rows zeroed but counted: mean over heads,
+    then over all T padded token rows. Returns the raw maps [B, g, g], detached.
+    """
+    capture_layer = block_num - model.config.fusion_layer
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            text = model.encode_text(input_ids, attention_mask)
+            fused = model.fuse(text, attention_mask, model.encode_image(pixel_values), None, capture_layer)
+            attention = fused.cross_attention                              # [B, H, T, 1+P]
+            match = model.itm_logits(fused)[:, 1].sum()
+            grad = torch.autograd.grad(match, attention)[0]
+    finally:
+        model.train(was_training)
+    b, heads, t, _ = attention.shape
+    g_rows, g_cols = model.patch_grid
+    mask = attention_mask.view(b, 1, t, 1, 1).to(attention.dtype)
+    cams = attention[..., 1:].reshape(b, heads, t, g_rows, g_cols) * mask
+    grads = grad[..., 1:].clamp(min=0).reshape(b, heads, t, g_rows, g_cols) * mask
+    return (cams * grads).mean(1).mean(1).detach()                     # [B, g, g]
