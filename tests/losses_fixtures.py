@@ -37,8 +37,7 @@ def hist_batch(model, n_images: int = 4, seed: int = 0, pad_to: int | None = Non
                image_ids: list[int] | None = None) -> HistBatch:
     """B images, one caption, phrase, subject and (C_i, C_j, "C_i and C_j") triple each."""
     g = torch.Generator().manual_seed(seed)
-    h, w = model.patch_grid
-    size = h * model.retrieval.config.vision_config.patch_size
+    size = image_size(model)
     idx = list(range(n_images))
     pick = [i % len(CAPTIONS) for i in idx]
     return HistBatch(
@@ -50,4 +49,23 @@ def hist_batch(model, n_images: int = 4, seed: int = 0, pad_to: int | None = Non
         pair_first=rows(model, [PAIRS[p][0] for p in pick], idx, pad_to),
         pair_second=rows(model, [PAIRS[p][1] for p in pick], idx, pad_to),
         composites=rows(model, [f"{PAIRS[p][0]} and {PAIRS[p][1]}" for p in pick], idx, pad_to),
+    )
+
+
+def tiny_albef(seed: int = 0, *, momentum: bool = True, dtype=torch.float32):
+    from hist_vlm.models.albef import AlbefConfig, AlbefModel
+
+    torch.manual_seed(seed)
+    cfg = AlbefConfig(
+        image_size=32, patch_size=8, vision_width=32, vision_depth=2, vision_heads=2,
+        text_width=32, text_layers=4, text_heads=4, text_intermediate_size=64, fusion_layer=2,
+        embed_dim=16, hidden_dropout=0.0, attention_dropout=0.0, momentum=momentum,
+    )
+    return AlbefModel(cfg).to(dtype)
+
+
+def image_size(model) -> int:
+    return model.patch_grid[0] * (
+        model.config.patch_size if hasattr(model, "config") and hasattr(model.config, "patch_size")
+        else model.retrieval.config.vision_config.patch_size
     )

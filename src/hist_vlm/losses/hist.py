@@ -71,6 +71,11 @@ def hist_weight(schedule: str, progress: float, ramp_epochs: float = 2.0) -> flo
     return 1.0 - min(1.0, max(0.0, progress) / ramp_epochs)
 
 
+def addition_loss(g_i: Tensor, g_j: Tensor, g_ij: Tensor) -> Tensor:
+    """sum over patches |G_i + G_j - G_ij|, averaged over pairs (all ranks): [n, gh, gw] x3 -> scalar."""
+    return global_mean((g_i + g_j - g_ij).abs().sum((1, 2)))
+
+
 @dataclass
 class _Encoded:
     """One kind of text rows with everything the losses read."""
@@ -162,15 +167,15 @@ class HistLoss(nn.Module):
         tok = model.tokenizer
         u = self._uniform(len(rows), 3, rows.input_ids.shape[1], device=image_embeds.device).transpose(0, 1)
         ids, labels = mask_tokens(
-            rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=len(tok),
+            rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
             never_mask=(tok.pad_token_id, tok.cls_token_id), probability=self.config.mlm_probability,
         )
-        masked = TextRows(ids, rows.attention_mask, rows.image_index)
         logits_m = None
         if twin is not None and alpha > 0:
             with torch.no_grad():
-                logits_m = twin.mlm_logits(masked, image_embeds_m)
-        return mlm_loss(model.mlm_logits(masked, image_embeds), labels, logits_m, alpha)
+                logits_m = twin.mlm_logits(ids, rows.attention_mask, image_embeds_m, rows.image_index)
+        logits = model.mlm_logits(ids, rows.attention_mask, image_embeds, rows.image_index)  # [N, T, V]
+        return mlm_loss(logits, labels, logits_m, alpha)
 
     def _addition(self, model, image_embeds, batch: HistBatch) -> Tensor:
         n = len(batch.pair_first)
@@ -181,8 +186,7 @@ class HistLoss(nn.Module):
             model, image_embeds, rows, layers=self.capture_layers, head=self.config.capture_head,
             combine=self.config.capture_combine, recipe="train", create_graph=True,
         )  # [3n, gh, gw]
-        g_i, g_j, g_ij = maps.split(n)
-        return global_mean((g_i + g_j - g_ij).abs().sum((1, 2)))
+        return addition_loss(*maps.split(n))
 
     # ---------------------------------------------------------------- forward
     def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
