@@ -83,19 +83,23 @@ def test_collate_builds_hist_batch_and_skips_unreadable_images(tmp_path):
     ds = HistDataset(read_parse_output(path)[0], root, 32)
     batch, skipped = HistCollate(word_tokenize, 25)([ds[(0, k)] for k in range(6)])
     assert skipped == [str(root / "img001.png")]
-    assert batch.pixel_values.shape == (5, 3, 32, 32)
-    assert batch.image_ids.tolist() == [0, 2, 3, 4, 5]
-    assert len(batch.captions) == len(batch.phrases) == len(batch.subjects) == 5
+    # the next readable image takes the broken one's slot: shapes stay equal across ranks
+    assert batch.pixel_values.shape == (6, 3, 32, 32)
+    assert batch.image_ids.tolist() == [0, 2, 2, 3, 4, 5]
+    assert len(batch.captions) == len(batch.phrases) == len(batch.subjects) == 6
     # images 0 and 3 have no pair; the rest point at their position in the batch
-    assert batch.pair_first.image_index.tolist() == [1, 3, 4]
-    assert len(batch.pair_second) == len(batch.composites) == 3
+    assert batch.pair_first.image_index.tolist() == [1, 2, 4, 5]
+    assert len(batch.pair_second) == len(batch.composites) == 4
     first, second = batch.pair_first.input_ids[0], batch.pair_second.input_ids[0]
     n1, n2 = int(batch.pair_first.attention_mask[0].sum()), int(batch.pair_second.attention_mask[0].sum())
     composite = batch.composites.input_ids[0]
     assert composite[1:n1].tolist() == first[1:n1].tolist()              # "C_i ..."
     assert composite[n1 + 1:n1 + n2].tolist() == second[1:n2].tolist()  # "... and C_j"
 
-    assert HistCollate(word_tokenize, 25)([ds[(0, 1)]]) == (None, [str(root / "img001.png")])
+    for k in range(6):
+        (root / f"img{k:03d}.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="no image"):
+        ds[(0, 0)]
 
 
 def test_global_batch_sampler_shards_and_resumes():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.text.pairs import composite_text
 
 # ALBEF and BLIP both normalise with the OpenAI-CLIP statistics.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,7 +49,7 @@ class ImageRecord:
 
 @dataclass
 class Sample:
-    """One image and the texts drawn for it; `pixel_values` is None when the image was unreadable."""
+    """One image and the texts drawn for it; `pixel_values` is None while the image is unreadable."""
 
     index: int
     pixel_values: Tensor | None         # [3, H, W]
@@ -58,6 +59,7 @@ class Sample:
     pair: tuple[str, str] | None        # (C_i, C_j); the composite is "C_i and C_j"
     flipped: bool
     image_path: str
+    skipped: list[str] = field(default_factory=list)  # unreadable images this sample replaced
 
 
 def read_parse_output(path: str | Path) -> tuple[list[ImageRecord], int]:
@@ -119,7 +121,20 @@ class HistDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
+        """The sample of `key`; an unreadable image is skipped (its path recorded in
+        `Sample.skipped`) and the next readable one takes its slot, so batch shapes stay
+        equal on every rank."""
         epoch, index = key
+        skipped = []
+        for offset in range(len(self.records)):
+            sample = self._draw(epoch, (index + offset) % len(self.records))
+            if sample.pixel_values is not None:
+                sample.skipped = skipped
+                return sample
+            skipped.append(sample.image_path)
+        raise DatasetError(f"no image under {self.image_root} could be read")
+
+    def _draw(self, epoch: int, index: int) -> Sample:
         record = self.records[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         caption = record.captions[rng.integers(len(record.captions))]
@@ -150,32 +165,29 @@ class HistDataset(Dataset):
 
 
 class HistCollate:
-    """Samples -> (HistBatch, paths of unreadable images). Unreadable images are dropped; the
-    batch is None when none is left. Text rows point at their image through `image_index`."""
+    """Samples -> (HistBatch, paths of the unreadable images the samples replaced).
+    Text rows point at their image through `image_index`; pair rows exist only for the
+    images that have a pair."""
 
     def __init__(self, tokenize: Tokenize, max_length: int) -> None:
         self.tokenize = tokenize
         self.max_length = max_length
 
-    def __call__(self, samples: list[Sample]) -> tuple[HistBatch | None, list[str]]:
-        skipped = [s.image_path for s in samples if s.pixel_values is None]
-        kept = [s for s in samples if s.pixel_values is not None]
-        if not kept:
-            return None, skipped
-        every = torch.arange(len(kept))
-        paired = [(b, s.pair) for b, s in enumerate(kept) if s.pair is not None]
+    def __call__(self, samples: list[Sample]) -> tuple[HistBatch, list[str]]:
+        every = torch.arange(len(samples))
+        paired = [(b, s.pair) for b, s in enumerate(samples) if s.pair is not None]
         pair_index = torch.tensor([b for b, _ in paired], dtype=torch.long)
         batch = HistBatch(
-            pixel_values=torch.stack([s.pixel_values for s in kept]),  # [B, 3, H, W]
-            image_ids=torch.tensor([s.index for s in kept], dtype=torch.long),
-            captions=self._rows([s.caption for s in kept], every),
-            phrases=self._rows([s.phrase for s in kept], every),
-            subjects=self._rows([s.subject for s in kept], every),
+            pixel_values=torch.stack([s.pixel_values for s in samples]),  # [B, 3, H, W]
+            image_ids=torch.tensor([s.index for s in samples], dtype=torch.long),
+            captions=self._rows([s.caption for s in samples], every),
+            phrases=self._rows([s.phrase for s in samples], every),
+            subjects=self._rows([s.subject for s in samples], every),
             pair_first=self._rows([p[0] for _, p in paired], pair_index),
             pair_second=self._rows([p[1] for _, p in paired], pair_index),
-            composites=self._rows([f"{p[0]} and {p[1]}" for _, p in paired], pair_index),
+            composites=self._rows([composite_text(*p) for _, p in paired], pair_index),
         )
-        return batch, skipped
+        return batch, [path for s in samples for path in s.skipped]
 
     def _rows(self, texts: list[str], image_index: Tensor) -> TextRows:
         if not texts:

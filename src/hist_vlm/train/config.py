@@ -1,0 +1,232 @@
+"""The typed training configuration: YAML presets in `configs/` plus `key=value` overrides.
+
+Every section is a dataclass, so a typo in a preset or on the command line is an error that
+names the key, never a silently ignored setting. The `loss` section IS the losses package's
+`HistLossConfig` (no copy of its fields here), so a new loss option needs no change in this file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hist_vlm.losses.hist import HistLossConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the CLI prints it as one line."""
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone, its sizes, and optional pretrained weights."""
+
+    name: str = "albef"                                      # "albef" | "blip"
+    checkpoint: str | None = None                            # a save_pretrained dir or an official .pth
+    params: dict[str, Any] = field(default_factory=dict)     # backbone config fields (sizes, fusion_layer, ...)
+
+
+@dataclass
+class SyntheticConfig:
+    """Train on the built-in synthetic world instead of `data.phrases` (the CPU demo)."""
+
+    enabled: bool = False
+    n_train: int = 256
+    n_val: int = 32               # val/test scenes are written too, for `hist-vlm eval`
+    n_test: int = 64
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the `hist-vlm parse` output and the images are, and how batches are formed."""
+
+    phrases: str = ""             # JSONL written by `hist-vlm parse`
+    image_root: str = ""          # the "image" fields of `phrases` are relative to this folder
+    image_size: int = 256         # network input (square)
+    batch_size: int = 56          # images per process per micro-batch
+    max_length: int = 25          # token limit of every text row (ALBEF trains with 25)
+    num_workers: int = 4
+    crop_scale: tuple[float, float] = (0.5, 1.0)   # RandomResizedCrop area range
+    hflip: bool = True            # only where no text of the sample says "left"/"right"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the reference weight-decay groups (no decay on biases and 1-D parameters)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_accum: int = 1                    # micro-batches per optimizer step
+    max_grad_norm: float | None = None     # clip the global gradient norm when set
+
+
+@dataclass
+class ScheduleConfig:
+    """Cosine decay over all optimizer steps after a linear warm-up from `warmup_lr`."""
+
+    epochs: int = 3
+    warmup_steps: int = 1000
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how it reports."""
+
+    dir: str = "runs/hist"
+    seed: int = 42
+    device: str = "auto"              # "auto" | "cpu" | "cuda"
+    precision: str = "auto"           # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
+    log_every: int = 50               # optimizer steps between log lines
+    save_every: int = 1000            # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2         # newest checkpoints kept on disk
+    max_steps: int | None = None      # stop after this many optimizer steps (smoke runs)
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: HistLossConfig = field(default_factory=HistLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A preset YAML file, then `section.key=value` overrides applied in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(TrainConfig, raw, "")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        node[leaf] = text
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """A dataclass from a mapping, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(known))})"
+        )
+    values = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:  # the dataclass's own validation (__post_init__)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """`value` as type `tp` (int, float, bool, str, X | None, tuple, list, dict, dataclass)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple and typing.get_args(tp)[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        arg = typing.get_args(tp)[0]
+        return tuple(_coerce(arg, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(arg, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if typing.get_origin(tp) is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so the dict round-trips through YAML/JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
