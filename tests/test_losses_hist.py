@@ -1,0 +1,127 @@
+"""ITC/ITM/MLM pieces and the HIST objective on tiny BLIP and ALBEF."""
+import pytest
+import torch
+
+from hist_vlm.losses.hist import HistLoss, HistLossConfig, addition_loss, hist_weight
+from hist_vlm.losses.itc import ItcQueue, positive_masks, text_keys
+from hist_vlm.losses.itm import hard_negatives, sample_rows
+from hist_vlm.losses.mlm import mask_tokens
+from losses_fixtures import hist_batch, tiny_albef, tiny_blip
+
+
+def test_addition_loss_is_zero_for_additive_maps_and_pulls_toward_the_sum():
+    g_i, g_j = torch.rand(3, 4, 4), torch.rand(3, 4, 4)
+    assert addition_loss(g_i, g_j, g_i + g_j) == 0
+    g_ij = (0.5 * (g_i + g_j)).requires_grad_()  # composite map too small
+    loss = addition_loss(g_i, g_j, g_ij)
+    assert loss > 0
+    (grad,) = torch.autograd.grad(loss, g_ij)
+    assert (grad < 0).all()  # increasing G_ij lowers the loss
+    g_i2 = g_i.clone().requires_grad_()
+    (grad_i,) = torch.autograd.grad(addition_loss(g_i2, g_j, g_ij.detach()), g_i2)
+    assert (grad_i > 0).all()  # the parts must shrink
+
+
+def test_schedules():
+    assert [hist_weight("paper", t) for t in (0, 1, 2, 5)] == [1.0, 0.5, 0.0, 0.0]
+    assert hist_weight("constant", 7) == 1.0 and hist_weight("off", 0) == 0.0
+    with pytest.raises(ValueError, match="schedule"):
+        HistLossConfig(schedule="cosine")
+
+
+def test_identical_texts_are_positives_and_never_sampled_as_negatives():
+    model = tiny_blip()
+    ids, mask = model.tokenize(["a man", "a dog", "a man", "a cat"])
+    keys = text_keys(ids, mask)
+    pad = torch.nn.functional.pad  # keys do not depend on how far a row is padded
+    torch.testing.assert_close(text_keys(pad(ids, (0, 4)), pad(mask, (0, 4))), keys)
+    image_ids = torch.tensor([10, 11, 12, 13])
+    pos, pos_i2t = positive_masks(image_ids, keys, image_ids, image_ids, keys, image_ids)
+    assert pos[0, 2] and pos[2, 0] and pos_i2t[0, 2] and not pos[0, 1]
+    feat = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    # the most similar image of row 0 is image 2, a positive: it must never be drawn
+    img_feat = feat.clone()
+    img_feat[2] = feat[0]
+    u = torch.linspace(0, 0.999, 4)
+    for shift in torch.linspace(0, 0.25, 25):
+        neg_img, neg_txt = hard_negatives(feat, img_feat, torch.tensor(0.07), pos, (u + shift) % 1, (u + shift) % 1)
+        assert not pos[torch.arange(4), neg_img].any()
+        assert not pos[neg_txt, torch.arange(4)].any()
+
+
+def test_sample_rows_is_an_inverse_cdf():
+    w = torch.tensor([[0.0, 1.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    assert sample_rows(w, torch.tensor([0.0, 0.0])).tolist() == [1, 0]
+    assert sample_rows(w, torch.tensor([0.2, 0.99])).tolist() == [1, 3]
+    assert sample_rows(w, torch.tensor([0.3, 0.5])).tolist() == [3, 2]
+
+
+def test_mlm_masking_never_touches_pad_or_cls():
+    ids = torch.tensor([[101, 5, 6, 7, 0, 0]] * 200)
+    mask = (ids != 0).long()
+    u = torch.rand(3, *ids.shape, generator=torch.Generator().manual_seed(0))
+    masked, labels = mask_tokens(ids, mask, u, mask_id=103, vocab_size=1000, never_mask=(0, 101))
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and not chosen[:, 4:].any()
+    assert 0.08 < chosen[:, 1:4].float().mean() < 0.25
+    assert ((masked == 103) == (chosen & (u[1] < 0.8))).all()
+    assert (masked[~chosen] == ids[~chosen]).all()
+
+
+def test_queue_wraps_around():
+    q = ItcQueue(dim=2, size=5)
+    for step in range(3):
+        f = torch.full((2, 2), float(step))
+        q.enqueue(f, f, torch.tensor([step, step]))
+    assert q.ptr.item() == 1
+    assert q.id_queue.tolist() == [2, 0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["blip", "albef"])
+def test_every_loss_runs_with_finite_values_and_reaches_the_parameters(name):
+    model = tiny_blip() if name == "blip" else tiny_albef()
+    batch = hist_batch(model)
+    loss_fn = HistLoss(HistLossConfig(schedule="constant", capture_layers=(1,), queue_size=12), model)
+    out = loss_fn(model, batch, progress=0.5)
+    terms = ["itc", "itm", "mlm", "phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add"]
+    for key in terms + ["loss"]:
+        assert torch.isfinite(out[key]), key
+        assert out[key] > 0, key
+    expected = sum(out[k] for k in terms)
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    named = dict(model.named_parameters())
+    if name == "blip":
+        must = ["retrieval.itm_head.weight", "retrieval.vision_proj.weight", "retrieval.text_proj.weight", "temp",
+                "retrieval.text_encoder.encoder.layer.2.crossattention.self.key.weight",
+                "decoder.bert.encoder.layer.0.output.dense.weight",
+                "retrieval.vision_model.embeddings.patch_embedding.weight"]
+    else:
+        must = ["itm_head.weight", "vision_proj.weight", "text_proj.weight", "temp",
+                "text_encoder.cls.predictions.transform.dense.weight", "visual_encoder.patch_embed.proj.weight"]
+        assert all(p.grad is None for n, p in named.items() if "_m." in n), "momentum twin got gradient"
+    for n in must:
+        assert named[n].grad is not None and named[n].grad.abs().sum() > 0, n
+    if name == "albef":
+        assert loss_fn.queue.ptr.item() == 4  # the 4 captions were enqueued
+
+
+def test_addition_term_alone_trains_layers_above_the_capture():
+    """Only create_graph carries the addition loss into the ITM head and the layers above."""
+    model = tiny_blip()
+    cfg = HistLossConfig(schedule="constant", capture_layers=(1,))
+    out = HistLoss(cfg, model)(model, hist_batch(model), 0.0)
+    (g,) = torch.autograd.grad(out["add"], [model.retrieval.itm_head.weight])
+    assert g.abs().sum() > 0
+
+
+def test_off_schedule_is_the_baseline_and_skips_hist_terms():
+    model = tiny_albef()
+    batch = hist_batch(model)
+    calls = []
+    orig = model.fuse_rows
+    model.fuse_rows = lambda *a, **k: calls.append(k.get("capture_layer")) or orig(*a, **k)
+    out = HistLoss(HistLossConfig(schedule="off", capture_layers=(1,), queue_size=8), model)(model, batch, 0.0)
+    assert out["hist_weight"] == 0 and out["add"] == 0 and out["phrase_itc"] == 0
+    torch.testing.assert_close(out["loss"], out["itc"] + out["itm"] + out["mlm"])
+    assert calls == [None]  # one fusion pass: the captions' ITM; no GradCAM capture
