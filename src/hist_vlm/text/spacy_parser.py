@@ -115,20 +115,26 @@ class _Rules:
             return True
         if pos == "PRON":
             return t.lower_ in GROUNDABLE_PRONOUNS
-        if t.dep_ not in ELLIPTIC_DEPS or self.is_reciprocal(t):
+        if self.is_reciprocal(t):
+            return False
+        if t.dep_ == "conj":  # "one in red, [one] in blue"
+            return self.pos[t.head.i] == pos and self.is_head(t.head)
+        if t.dep_ not in ELLIPTIC_DEPS:
             return False
         return pos in ("ADJ", "NUM") or (pos == "DET" and t.lower_ in NOMINAL_QUANTIFIERS)
 
     def is_reciprocal(self, t) -> bool:
-        """"each other", "one another": a non-groundable mention."""
-        return t.i > 0 and (self.doc[t.i - 1].lower_, t.lower_) in RECIPROCALS
+        """Either word of "each other", "one another": a non-groundable mention."""
+        d = self.doc
+        return ((t.i > 0 and (d[t.i - 1].lower_, t.lower_) in RECIPROCALS)
+                or (t.i + 1 < len(d) and (t.lower_, d[t.i + 1].lower_) in RECIPROCALS))
 
     def of_object(self, t):
-        """The head of Y in "X of Y" when Y is itself a phrase head, else None."""
+        """The object Y of "X of Y" (any noun phrase head or pronoun), else None."""
         for c in t.rights:
             if c.dep_ == "prep" and c.lower_ == "of":
                 for p in c.children:
-                    if p.dep_ == "pobj" and self.is_head(p):
+                    if p.dep_ == "pobj" and (self.is_head(p) or self.pos[p.i] == "PRON"):
                         return p
         return None
 
@@ -137,6 +143,22 @@ class _Rules:
         preposition and "of" is part of the preposition, not a phrase."""
         return (t.dep_ == "pobj" and t.tag_ == "NN" and not any(True for _ in t.lefts)
                 and self.of_object(t) is not None)
+
+    def adjective_coordination_end(self, t) -> int:
+        """End of an adjective head with its coordinated adjectives: "a man in [red and
+        white]"; a noun head ends at itself."""
+        e = t.i + 1
+        if self.pos[t.i] == "ADJ":
+            for c in t.rights:
+                if c.dep_ == "conj" and self.pos[c.i] == "ADJ" and c.i == e + 1 and self.doc[e].dep_ == "cc":
+                    e = c.i + 1
+        return e
+
+    def is_partitive_pronoun(self, t) -> bool:
+        """"one of them", "some of it": a numeral or quantifier of a pronoun refers back, like
+        the pronoun itself."""
+        y = self.of_object(t)
+        return self.pos[t.i] not in NOUNS and y is not None and self.pos[y.i] == "PRON"
 
     def misread_verb(self, t) -> bool:
         """A verb the tagger read as the head noun of the phrase before it: "[a small dog]
@@ -163,20 +185,32 @@ class _Rules:
         merged: set[int] = set()
         end: dict[int, int] = {}
         for t in reversed(heads):  # right to left: Y's extent is known before X's
-            e = t.i + 1
+            e = self.adjective_coordination_end(t)
             y = self.of_object(t)
             if y is not None and not self.in_compound_preposition(t):
-                e = end[y.i]
+                e = end.get(y.i, y.i + 1)
                 merged.add(y.i)
             end[t.i] = e
         out = []
         for t in heads:
-            if t.i in merged or self.in_compound_preposition(t):
+            if t.i in merged or self.in_compound_preposition(t) or self.is_partitive_pronoun(t):
                 continue
             s, e = self.left_bound(t), end[t.i]
             if e == t.i + 1 and self.misread_verb(t):
+                merged.add(t.i)  # a verb: heads nothing
                 t, e = self.doc[t.i - 1], t.i
             out.append((s, e, self.subject(s, e, t)))
+        # a noun left outside every phrase, e.g. as the compound of a verb the tagger took for
+        # a noun ("a [white t-shirt] playing"), heads its own phrase
+        covered = {i for s, e, _ in out for i in range(s, e)} | merged
+        for t in reversed(self.doc):
+            if self.pos[t.i] in NOUNS and t.i not in covered and not self.in_compound_preposition(t):
+                s = self.left_bound(t)
+                while s > 0 and self.doc[s - 1].head == t.head and self.doc[s - 1].dep_ in NP_LEFT_DEPS:
+                    s = self.doc[s - 1].left_edge.i  # "[a] greyhound walks": det of the verb
+                covered.update(range(s, t.i + 1))
+                out.append((s, t.i + 1, t.i))
+        out.sort()
         # a noun inside a modifier ("[snow] covered mountains", "red and [cream] buildings")
         # lies inside the span of the phrase it modifies
         return [a for a in out if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in out)]
