@@ -28,7 +28,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-from hist_vlm.models.base import FusionOutput, VisionLanguageBackbone
+from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone
 from hist_vlm.models.tokenization import AlbefTokenizer
 
 # Names that ALBEF's YAML / config_bert.json use for the same sizes.
@@ -469,12 +469,15 @@ class AlbefModel(_AlbefProtocol):
         return from_pretrained(directory)
 
     @classmethod
-    def from_albef_checkpoint(cls, path, config: AlbefConfig | None = None, verbose: bool = True) -> "AlbefModel":
-        """Build from an official ALBEF/SelfEQ `.pth` (sizes inferred from the weights unless
-        `config` is given) and load it; the load report is kept in `model.load_report`."""
+    def from_albef_checkpoint(
+        cls, path, config: AlbefConfig | None = None, verbose: bool = True, **overrides
+    ) -> "AlbefModel":
+        """Build from an official ALBEF/SelfEQ `.pth` (sizes read off the weights, with
+        `overrides` such as `image_size=384`, unless `config` is given) and load it; the
+        load report is printed (verbose) and kept in `model.load_report`."""
         from hist_vlm.models.albef_checkpoint import load_albef_model
 
-        return load_albef_model(path, config, verbose=verbose)
+        return load_albef_model(path, config, verbose=verbose, **overrides)
 
 
 class AlbefMomentumTwin(_AlbefProtocol):
@@ -509,26 +512,23 @@ def reference_gradcam(
 ) -> Tensor:
     """ALBEF's evaluation GradCAM (`Grounding.py`, `gradcam_mode='itm'`), text i on image i.
 
-    Runs in eval mode (restored afterwards): d(match logit)/d(cross-attention probabilities)
-    of absolute BERT layer `block_num`, image-CLS column dropped, gradient clamped at 0
-    element-wise, times the attention, padding rows zeroed but counted: mean over heads,
-    then over all T padded token rows. Returns the raw maps [B, g, g], detached.
+    `block_num` is the absolute BERT layer (8 = the 3rd cross-attention layer of ALBEF-base).
+    Runs in eval mode (restored afterwards): d(match logit)/d(cross-attention probabilities),
+    image-CLS column dropped, gradient clamped at 0 element-wise, times the attention, padding
+    rows zeroed but counted (mean over heads, then over all T padded token rows), through the
+    generic `hist_vlm.losses.gradcam.gradcam_maps(recipe="reference")`. Raw maps [B, g, g], detached.
     """
-    capture_layer = block_num - model.config.fusion_layer
+    from hist_vlm.losses.gradcam import gradcam_maps
+
+    n_cross, fusion = model.num_cross_attention_layers, model.config.fusion_layer
+    if not fusion <= block_num < fusion + n_cross:
+        raise ValueError(f"block_num must be a cross-attention layer, in [{fusion}, {fusion + n_cross}), got {block_num}")
+    rows = TextRows(input_ids, attention_mask, torch.arange(input_ids.shape[0], device=input_ids.device))
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            text = model.encode_text(input_ids, attention_mask)
-            fused = model.fuse(text, attention_mask, model.encode_image(pixel_values), None, capture_layer)
-            attention = fused.cross_attention                              # [B, H, T, 1+P]
-            match = model.itm_logits(fused)[:, 1].sum()
-            grad = torch.autograd.grad(match, attention)[0]
+            image_embeds = model.encode_image(pixel_values)
+            return gradcam_maps(model, image_embeds, rows, layers=[block_num - fusion], recipe="reference")
     finally:
         model.train(was_training)
-    b, heads, t, _ = attention.shape
-    g_rows, g_cols = model.patch_grid
-    mask = attention_mask.view(b, 1, t, 1, 1).to(attention.dtype)
-    cams = attention[..., 1:].reshape(b, heads, t, g_rows, g_cols) * mask
-    grads = grad[..., 1:].clamp(min=0).reshape(b, heads, t, g_rows, g_cols) * mask
-    return (cams * grads).mean(1).mean(1).detach()                     # [B, g, g]

@@ -219,10 +219,15 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
     return {name: names - {name} for names in by_tensor.values() for name in names}
 
 
-def load_albef_model(path_or_state, config: AlbefConfig | None = None, verbose: bool = True) -> AlbefModel:
-    """Build the model the checkpoint describes (or `config`) and load it."""
+def load_albef_model(
+    path_or_state, config: AlbefConfig | None = None, verbose: bool = True, **overrides
+) -> AlbefModel:
+    """Build the model `config` describes, or else the one the checkpoint describes with
+    `overrides` (e.g. `image_size=384`, `text_heads=...`), and load the checkpoint into it."""
     state, source = read_albef_state_dict(path_or_state)
-    model = AlbefModel(config or config_from_state_dict(state))
+    if config is not None and overrides:
+        raise ValueError("pass either a full config or overrides of the checkpoint's sizes, not both")
+    model = AlbefModel(config or config_from_state_dict(state, **overrides))
     load_albef_checkpoint(model, state, verbose=verbose).source = source
     return model
 
