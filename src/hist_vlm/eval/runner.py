@@ -1,0 +1,255 @@
+"""Grounding evaluation: records -> heatmaps -> pointing game and multi-object metrics.
+
+The runner knows nothing about backbones: it asks a `MapSource` to preprocess images (in
+DataLoader workers) and to turn a batch of (images, texts) into raw [gh, gw] maps. Each batch
+loads and encodes every distinct image once; texts point at them through `image_index`, as in
+training. `GradcamMaps` is the MapSource of a VisionLanguageBackbone (ITM GradCAM, the
+"reference" token recipe of ALBEF's Grounding.py).
+
+Per query the runner records the pointing-game point and hit (any box, strict inclusion, see
+eval.pointing), and for composite queries ("A and B") the top-4 points, whether they hit both
+objects, and (with an id mask) the IoU parts of the picked region.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from hist_vlm.data.grounding import GroundingRecord
+from hist_vlm.eval.pointing import (
+    Accuracy,
+    IoUMeter,
+    all_objects_hit,
+    pointing_hit,
+    pointing_points,
+    region_iou_parts,
+    top_k_points,
+)
+
+
+class MapSource(Protocol):
+    """What the runner needs from a model."""
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """An RGB image at its original size -> network input [3, H, W] (runs in workers)."""
+        ...
+
+    def __call__(self, pixel_values: Tensor, texts: list[str], image_index: Tensor) -> Tensor:
+        """pixel_values [B, 3, H, W], texts [N], image_index [N] -> raw maps [N, gh, gw]."""
+        ...
+
+
+# ----------------------------------------------------------------------------- the model side
+
+def model_image_size(model) -> int:
+    """The square input resolution a backbone was built for."""
+    cfg = getattr(model, "config", None)
+    for size in (getattr(model, "image_size", None), getattr(cfg, "image_size", None),
+                 getattr(getattr(cfg, "vision_config", None), "image_size", None)):
+        if isinstance(size, int):
+            return size
+    raise ValueError(f"cannot tell the input resolution of {type(model).__name__}")
+
+
+class GradcamMaps:
+    """ITM GradCAM maps of a backbone (hist_vlm.losses.gradcam, recipe "reference").
+
+    Images are resized to the model's resolution with bicubic interpolation (no crop) and
+    normalised with the CLIP statistics that ALBEF and BLIP use.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        layers: Sequence[int],
+        head: int | None = None,
+        combine: str = "mean",
+        device: str | torch.device = "cpu",
+        max_length: int = 64,
+    ):
+        from torchvision.transforms import v2
+
+        from hist_vlm.data.dataset import IMAGE_MEAN, IMAGE_STD
+
+        self.model = model.to(device).eval()
+        self.layers, self.head, self.combine = tuple(layers), head, combine
+        self.device, self.max_length = torch.device(device), max_length
+        size = model_image_size(model)
+        self.transform = v2.Compose([
+            v2.PILToTensor(),
+            v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGE_MEAN, IMAGE_STD),
+        ])
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        return self.transform(image)
+
+    def __call__(self, pixel_values: Tensor, texts: list[str], image_index: Tensor) -> Tensor:
+        from hist_vlm.losses.gradcam import gradcam_maps
+        from hist_vlm.models.base import TextRows
+
+        ids, mask = self.model.tokenize(texts, max_length=self.max_length)
+        rows = TextRows(ids, mask, image_index).to(self.device)
+        with torch.no_grad():
+            image_embeds = self.model.encode_image(pixel_values.to(self.device))  # [B, 1+P, Dv]
+        return gradcam_maps(
+            self.model, image_embeds, rows, layers=self.layers, head=self.head,
+            combine=self.combine, recipe="reference", create_graph=False,
+        )
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class ItemResult:
+    id: str
+    split: str
+    kind: str
+    text: str
+    point: tuple[int, int]                   # pointing-game (x, y) in original pixels
+    hit: bool                                # point strictly inside any referred box
+    top_points: list[tuple[int, int]] = field(default_factory=list)  # composite queries only
+    all_hit: bool | None = None              # top-4 points hit every referred object
+    inter: int | None = None                 # picked-region IoU parts (with an id mask)
+    union: int | None = None
+
+
+@dataclass
+class SplitMetrics:
+    pointing: Accuracy = field(default_factory=Accuracy)            # single queries
+    composite_pointing: Accuracy = field(default_factory=Accuracy)  # composite, any-box
+    both_hit: Accuracy = field(default_factory=Accuracy)            # composite, top-4 on each object
+    iou: IoUMeter = field(default_factory=IoUMeter)                 # composite with masks
+
+    def add(self, r: ItemResult) -> None:
+        if r.kind == "composite":
+            self.composite_pointing.add(r.hit)
+            self.both_hit.add(bool(r.all_hit))
+            if r.inter is not None:
+                self.iou.add(r.inter, r.union or 0)
+        else:
+            self.pointing.add(r.hit)
+
+    def as_dict(self) -> dict:
+        out = {"pointing": self.pointing.value, "n": self.pointing.total}
+        if self.composite_pointing.total:
+            out.update(composite_pointing=self.composite_pointing.value, both_hit=self.both_hit.value,
+                       n_composite=self.composite_pointing.total)
+        if self.iou.count:
+            out.update(ciou=self.iou.ciou, miou=self.iou.miou)
+        return out
+
+
+@dataclass
+class EvalReport:
+    splits: dict[str, SplitMetrics]
+
+    def summary(self) -> dict[str, dict]:
+        out = {s: m.as_dict() for s, m in sorted(self.splits.items())}
+        if "testA" in out and "testB" in out:  # RefCOCO+'s headline number (SelfEQ)
+            out["mean(testA,testB)"] = {"pointing": (out["testA"]["pointing"] + out["testB"]["pointing"]) / 2}
+        return out
+
+    def lines(self) -> list[str]:
+        """One human-readable line per split."""
+        rows = []
+        for split, m in self.summary().items():
+            parts = [f"{split:>16}: pointing {_pct(m['pointing'])}" + (f" (n={m['n']})" if "n" in m else "")]
+            if "both_hit" in m:
+                parts.append(f"composite: any {_pct(m['composite_pointing'])} both {_pct(m['both_hit'])}"
+                             f" (n={m['n_composite']})")
+            if "ciou" in m:
+                parts.append(f"cIoU {_pct(m['ciou'])} mIoU {_pct(m['miou'])}")
+            rows.append("  ".join(parts))
+        return rows
+
+
+def _pct(x: float) -> str:
+    return "  n/a" if math.isnan(x) else f"{100 * x:5.1f}%"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch b = records [b*bs, (b+1)*bs): distinct images loaded and preprocessed once."""
+
+    def __init__(self, records: Sequence[GroundingRecord], batch_size: int, source: MapSource):
+        self.records, self.bs, self.source = records, batch_size, source
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.records) / self.bs)
+
+    def __getitem__(self, b: int):
+        recs = self.records[b * self.bs:(b + 1) * self.bs]
+        slot: dict[Path, int] = {}
+        for r in recs:
+            slot.setdefault(r.image, len(slot))
+        pixels = []
+        for path in slot:
+            with Image.open(path) as im:
+                pixels.append(self.source.preprocess(im.convert("RGB")))
+        index = torch.tensor([slot[r.image] for r in recs], dtype=torch.long)
+        return list(range(b * self.bs, b * self.bs + len(recs))), torch.stack(pixels), index
+
+
+def _score(rec: GroundingRecord, heat: Tensor, point: tuple[int, int]) -> ItemResult:
+    res = ItemResult(rec.id, rec.split, rec.kind, rec.text, point, pointing_hit(point, rec.boxes, rec.box_format))
+    if rec.kind == "composite":
+        pts = top_k_points(heat, (rec.height, rec.width))
+        res.top_points = pts
+        res.all_hit = all_objects_hit(pts, rec.boxes, rec.box_format)
+        if rec.mask is not None and rec.object_ids:
+            with Image.open(rec.mask) as m:
+                ids = np.asarray(m)
+            res.inter, res.union = region_iou_parts(pts, ids, rec.object_ids)
+    return res
+
+
+def evaluate(
+    records: Sequence[GroundingRecord],
+    source: MapSource,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Score every record; with `out`, write one JSON line of `ItemResult` per record."""
+    if not records:
+        raise ValueError("no grounding records to evaluate")
+    loader = torch.utils.data.DataLoader(
+        _Batches(records, batch_size, source), batch_size=None, num_workers=num_workers,
+    )
+    splits: dict[str, SplitMetrics] = defaultdict(SplitMetrics)
+    sink = None
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        sink = Path(out).open("w")
+    try:
+        with tqdm(total=len(records), desc="grounding eval", unit="query", disable=not progress) as bar:
+            for idx, pixels, image_index in loader:
+                recs = [records[i] for i in idx]
+                maps = source(pixels, [r.text for r in recs], image_index).detach().float().cpu()  # [N, gh, gw]
+                points = pointing_points(maps, [(r.height, r.width) for r in recs])
+                for rec, heat, point in zip(recs, maps, points):
+                    res = _score(rec, heat, point)
+                    splits[rec.split].add(res)
+                    if sink is not None:
+                        sink.write(json.dumps(asdict(res)) + "\n")
+                bar.update(len(recs))
+    finally:
+        if sink is not None:
+            sink.close()
+    return EvalReport(dict(splits))

@@ -1,0 +1,127 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hist_vlm.data.grounding import GroundingRecord, read_synthetic
+from hist_vlm.data.synthetic import generate_world
+from hist_vlm.eval.runner import EvalReport, GradcamMaps, evaluate
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, n_train=0, n_val=4, n_test=6, image_size=64, seed=5, progress=False)
+    return root
+
+
+class ScriptedMaps:
+    """A hand-made map source that knows the records in evaluation order: it checks that the
+    runner hands it the right texts and images, and draws maps from the ground truth."""
+
+    def __init__(self, records, grid=8, mode="oracle"):
+        self.records, self.grid, self.mode, self.cursor = list(records), grid, mode, 0
+
+    def preprocess(self, image):
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # raw pixels [3, H, W]
+
+    def __call__(self, pixel_values, texts, image_index):
+        recs = self.records[self.cursor:self.cursor + len(texts)]
+        self.cursor += len(texts)
+        assert texts == [r.text for r in recs]
+        assert pixel_values.shape[0] == len(set(r.image for r in recs))  # each image once
+        for r, i in zip(recs, image_index.tolist()):
+            with Image.open(r.image) as im:
+                assert torch.equal(pixel_values[i], self.preprocess(im.convert("RGB")))
+        return torch.stack([self._map(r) for r in recs])
+
+    def _map(self, r: GroundingRecord):
+        g = self.grid
+        heat = torch.zeros(g, g)
+        if self.mode == "zero":
+            return heat
+        ys, xs = torch.meshgrid(torch.arange(g) + 0.5, torch.arange(g) + 0.5, indexing="ij")
+        for x1, y1, x2, y2 in r.boxes:  # one equal peak at each referred object's centre
+            cx, cy = (x1 + x2) / 2 * g / r.width, (y1 + y2) / 2 * g / r.height
+            heat = heat + torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / 0.5)
+        return heat
+
+
+def test_oracle_maps_score_perfectly_and_results_are_written(world, tmp_path):
+    records = read_synthetic(world / "grounding.jsonl")
+    out = tmp_path / "res" / "results.jsonl"
+    report = evaluate(records, ScriptedMaps(records), batch_size=7, out=out, progress=False)
+    summary = report.summary()
+    assert set(summary) == {"val", "test"}
+    for split in ("val", "test"):
+        s = summary[split]
+        n_single = sum(r.split == split and r.kind == "single" for r in records)
+        n_comp = sum(r.split == split and r.kind == "composite" for r in records)
+        assert (s["n"], s["n_composite"]) == (n_single, n_comp)
+        assert s["pointing"] == 1.0 and s["composite_pointing"] == 1.0 and s["both_hit"] == 1.0
+        assert s["ciou"] > 0.9
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == [r.id for r in records]
+    comp = [x for x in lines if x["kind"] == "composite"]
+    assert all(len(x["top_points"]) == 4 and x["all_hit"] and x["union"] > 0 for x in comp)
+    assert all(x["top_points"] == [] and x["all_hit"] is None for x in lines if x["kind"] == "single")
+
+
+def test_zero_maps_point_at_origin_and_miss(world):
+    records = read_synthetic(world / "grounding.jsonl", splits=["test"])
+    report = evaluate(records, ScriptedMaps(records, mode="zero"), batch_size=5, progress=False)
+    s = report.summary()["test"]
+    assert s["pointing"] == 0.0 and s["composite_pointing"] == 0.0
+
+
+def test_xywh_records_split_mean_and_lines(tmp_path):
+    Image.new("RGB", (40, 20)).save(tmp_path / "a.jpg")
+    mk = lambda i, split, box: GroundingRecord(str(i), tmp_path / "a.jpg", f"t{i}", (box,), "xywh", split, 40, 20)
+    records = [mk(0, "testA", (20, 0, 20, 20)), mk(1, "testA", (0, 0, 20, 20)), mk(2, "testB", (20, 0, 20, 20))]
+
+    class RightHalf:
+        def preprocess(self, image):
+            return torch.zeros(3, 4, 4)
+
+        def __call__(self, pixel_values, texts, image_index):
+            assert pixel_values.shape[0] == 1 and image_index.tolist() == [0] * len(texts)
+            heat = torch.zeros(len(texts), 2, 4)
+            heat[:, 1, 3] = 1.0  # peak in the right half
+            return heat
+
+    report = evaluate(records, RightHalf(), batch_size=8, progress=False)
+    summary = report.summary()
+    assert summary["testA"]["pointing"] == 0.5 and summary["testB"]["pointing"] == 1.0
+    assert summary["mean(testA,testB)"]["pointing"] == 0.75
+    text = "\n".join(report.lines())
+    assert "testA: pointing  50.0% (n=2)" in text and "75.0%" in text
+
+
+def test_empty_records_is_an_error():
+    with pytest.raises(ValueError, match="no grounding records"):
+        evaluate([], None, progress=False)
+
+
+def test_gradcam_maps_from_a_tiny_albef(world):
+    from hist_vlm.models.albef import AlbefConfig, AlbefModel
+
+    torch.manual_seed(0)
+    cfg = AlbefConfig(image_size=64, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2,
+                      text_width=32, text_layers=3, text_heads=2, text_intermediate_size=64,
+                      fusion_layer=1, embed_dim=16, momentum=False)
+    source = GradcamMaps(AlbefModel(cfg), layers=[1])
+    records = read_synthetic(world / "grounding.jsonl", splits=["val"])
+    with Image.open(records[0].image) as im:
+        x = source.preprocess(im.convert("RGB"))
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and x.mean().abs() < 3
+    report = evaluate(records, source, batch_size=6, progress=False)
+    s = report.summary()["val"]
+    assert s["n"] + s["n_composite"] == len(records)
+    assert 0.0 <= s["pointing"] <= 1.0 and not math.isnan(s["ciou"])
+    # the maps themselves: one [4, 4] non-negative map per text, not all zero
+    pixels = torch.stack([x, x])
+    maps = source(pixels, ["the red circle", "a star and a square"], torch.tensor([0, 1]))
+    assert maps.shape == (2, 4, 4) and (maps >= 0).all() and maps.sum() > 0
