@@ -132,3 +132,13 @@ def test_unwritable_output_is_one_line(tmp_path):
     src.write_text('{"image": "a", "captions": ["a dog"]}\n')
     res = run(src, "--format", "jsonl", "--out", tmp_path / "no" / "dir" / "o.jsonl", "--no-cache")
     assert res.exit_code == 2 and "cannot write" in res.stderr and "Traceback" not in res.output
+
+
+def test_two_spacy_workers_give_the_same_output(tmp_path):
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.jsonl"
+        res = run("--sample", "--out", out, "--workers", workers, "--no-cache")
+        assert res.exit_code == 0, res.output
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and outs[0].count("\n") == 20

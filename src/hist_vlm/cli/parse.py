@@ -6,7 +6,6 @@ progress bar and the summary, and turns user mistakes into one-line errors (exit
 """
 from __future__ import annotations
 
-import inspect
 import sqlite3
 from importlib.resources import files
 from pathlib import Path
@@ -26,14 +25,11 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _spacy(workers: int):
-    """The spaCy parser, multi-process when it supports `workers`."""
     from hist_vlm.text.spacy_parser import SpacyParser
 
     try:
-        if workers > 1 and "workers" in inspect.signature(SpacyParser).parameters:
-            return SpacyParser(workers=workers)
-        return SpacyParser()
-    except (RuntimeError, OSError) as e:
+        return SpacyParser(workers=workers)
+    except (RuntimeError, OSError) as e:  # no English model installed
         raise _fail(str(e)) from None
 
 
@@ -75,7 +71,7 @@ def _show_records(records) -> None:
 
 @app.command()
 def parse(
-    input: Optional[Path] = typer.Argument(None, help="Caption file to parse.", show_default=False),
+    input: Optional[Path] = typer.Argument(None, metavar="INPUT", help="Caption file to parse.", show_default=False),
     fmt: Optional[str] = typer.Option(None, "--format", help="Input format: coco, vg, albef or jsonl."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output JSONL, one line per image (written atomically)."),
     parser_kind: str = typer.Option("spacy", "--parser", help="spacy (default) or llm."),
@@ -87,7 +83,7 @@ def parse(
     seed: int = typer.Option(0, "--seed", help="Seed of Algorithm 1's partner choice (per image)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Captions per parser batch."),
     cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="Parse cache directory [default: $HIST_VLM_CACHE or ~/.cache/hist-vlm]."
+        None, "--cache-dir", help="Parse cache directory (default: $HIST_VLM_CACHE, else ~/.cache/hist-vlm)."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the parse cache."),
     text: Optional[str] = typer.Option(None, "--text", help="Parse one caption and print its phrases."),
