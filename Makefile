@@ -15,8 +15,9 @@ $(VENV)/.installed: requirements.txt requirements-model.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-demo: setup
-	$(BIN)/hist-vlm demo
+demo: setup  # until the training demo exists: parse the bundled sample captions
+	mkdir -p demo_out
+	$(BIN)/hist-vlm parse --sample --out demo_out/sample_phrases.jsonl
 
 test: setup
 	$(BIN)/python -m pytest
