@@ -223,13 +223,14 @@ def load_albef_model(
     path_or_state, config: AlbefConfig | None = None, verbose: bool = True, **overrides
 ) -> AlbefModel:
     """Build the model `config` describes, or else the one the checkpoint describes with
-    `overrides` (e.g. `image_size=384`, `text_heads=...`), and load the checkpoint into it."""
+    `overrides` (e.g. `image_size=384`, `text_heads=...`), and load the checkpoint into it.
+    Returned in eval mode, like transformers' `from_pretrained`; training calls `.train()`."""
     state, source = read_albef_state_dict(path_or_state)
     if config is not None and overrides:
         raise ValueError("pass either a full config or overrides of the checkpoint's sizes, not both")
     model = AlbefModel(config or config_from_state_dict(state, **overrides))
     load_albef_checkpoint(model, state, verbose=verbose).source = source
-    return model
+    return model.eval()
 
 
 def save_pretrained(model: AlbefModel, directory: str | Path) -> None:
@@ -242,6 +243,7 @@ def save_pretrained(model: AlbefModel, directory: str | Path) -> None:
 
 
 def from_pretrained(directory: str | Path) -> AlbefModel:
+    """The model `save_pretrained` wrote, in eval mode."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
@@ -251,4 +253,4 @@ def from_pretrained(directory: str | Path) -> AlbefModel:
         raise ValueError(f"{config_path} describes backbone {payload.get('backbone')!r}, not 'albef'")
     model = AlbefModel(AlbefConfig.from_dict(payload["config"]))
     load_model(model, str(weights_path), strict=True)
-    return model
+    return model.eval()
