@@ -61,8 +61,40 @@ def model_image_size(model) -> int:
     raise ValueError(f"cannot tell the input resolution of {type(model).__name__}")
 
 
+def load_backbone(checkpoint: str | Path, name: str | None = None):
+    """A trained backbone from `checkpoint`: a `save_pretrained` folder, a training checkpoint
+    (`RUN/checkpoints/step-N`, whose `model/` is used) or an official ALBEF `.pth`. `name`
+    ("albef" | "blip") defaults to what the folder's config.json says."""
+    from hist_vlm.train.config import ModelConfig
+    from hist_vlm.train.model import build_model
+
+    path = Path(checkpoint)
+    if (path / "model" / "config.json").is_file():
+        path = path / "model"
+    if name is None:
+        name = _backbone_name(path)
+    return build_model(ModelConfig(name=name, checkpoint=str(path)))
+
+
+def _backbone_name(path: Path) -> str:
+    """albef (our save_pretrained: "backbone") or blip (a transformers folder: "model_type")."""
+    if path.is_file():
+        return "albef"  # a .pth: only ALBEF/SelfEQ checkpoints come as single files
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a saved model or training checkpoint)")
+    payload = json.loads(cfg_path.read_text())
+    name = payload.get("backbone") or payload.get("model_type")
+    if name not in ("albef", "blip"):
+        raise ValueError(f"{cfg_path}: cannot tell the backbone (backbone/model_type = {name!r})")
+    return name
+
+
 class GradcamMaps:
     """ITM GradCAM maps of a backbone (hist_vlm.losses.gradcam, recipe "reference").
+
+    `layers` are 0-based cross-attention layers (None: the backbone's `default_capture_layer`);
+    several are combined with `combine`, `head` picks one head (None: the head mean).
 
     Images are resized to the model's resolution with bicubic interpolation (no crop) and
     normalised with the CLIP statistics that ALBEF and BLIP use.
@@ -72,7 +104,7 @@ class GradcamMaps:
         self,
         model,
         *,
-        layers: Sequence[int],
+        layers: Sequence[int] | None = None,
         head: int | None = None,
         combine: str = "mean",
         device: str | torch.device = "cpu",
@@ -82,9 +114,18 @@ class GradcamMaps:
 
         from hist_vlm.data.dataset import IMAGE_MEAN, IMAGE_STD
 
+        if not layers:
+            default = getattr(model, "default_capture_layer", None)
+            if default is None:
+                raise ValueError(f"{type(model).__name__} has no default GradCAM layer: give the layers")
+            layers = (default,)
         self.model = model.to(device).eval()
         self.layers, self.head, self.combine = tuple(layers), head, combine
-        self.device, self.max_length = torch.device(device), max_length
+        # eval texts are not truncated to the training length (ALBEF's Grounding.py pads to the
+        # longest); the position table bounds them
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.device = torch.device(device)
+        self.max_length = min(max_length, limit) if isinstance(limit, int) else max_length
         size = model_image_size(model)
         self.transform = v2.Compose([
             v2.PILToTensor(),

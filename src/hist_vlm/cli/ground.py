@@ -1,0 +1,46 @@
+"""`hist-vlm ground`: one image, one text -> a GradCAM heatmap picture with the top-4 points."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hist_vlm.cli import app
+
+
+@app.command()
+def ground(
+    image: Path = typer.Argument(..., help="An image file."),
+    text: str = typer.Argument(..., help='What to find, e.g. "a dog and a frisbee".'),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth."),
+    out: Path = typer.Option(Path("heat.png"), "--out", help="The figure (PNG, PDF, ...)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML (for its GradCAM layer/head)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based."),
+    head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
+    combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
+) -> None:
+    """Heatmap of where the model grounds TEXT in IMAGE.
+
+    The GradCAM map over the image, the top-4 points starred (the paper's Figure 3) and the
+    pointing-game point ringed.
+    """
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from hist_vlm.cli.eval import gradcam_source
+    from hist_vlm.eval.heatmap import save_heatmap
+
+    if not text.strip():
+        raise typer.BadParameter("TEXT is empty")
+    try:
+        with Image.open(image) as im:
+            picture = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise typer.BadParameter(f"{image}: not a readable image ({e.__class__.__name__})") from None
+    source, _ = gradcam_source(config, checkpoint, layers, head, combine, device)
+    pixels = source.preprocess(picture)[None]  # [1, 3, S, S]
+    heat = source(pixels, [text], torch.zeros(1, dtype=torch.long))[0].cpu()  # [gh, gw]
+    points = save_heatmap(picture, heat, out, title=text)
+    typer.echo(f"{out}  top-{len(points)} points (x, y): {points}")
