@@ -69,3 +69,23 @@ def image_size(model) -> int:
         model.config.patch_size if hasattr(model, "config") and hasattr(model.config, "patch_size")
         else model.retrieval.config.vision_config.patch_size
     )
+
+
+def shard_batch(batch: HistBatch, rank: int, world: int) -> HistBatch:
+    """Rank `rank`'s equal share of the images and of their rows (image_index re-based)."""
+    b = batch.pixel_values.shape[0] // world
+    lo, hi = rank * b, (rank + 1) * b
+
+    def take(r: TextRows) -> TextRows:
+        keep = (r.image_index >= lo) & (r.image_index < hi)
+        return TextRows(r.input_ids[keep], r.attention_mask[keep], r.image_index[keep] - lo)
+
+    return HistBatch(
+        batch.pixel_values[lo:hi], batch.image_ids[lo:hi],
+        *(take(getattr(batch, k)) for k in ("captions", "phrases", "subjects", "pair_first", "pair_second",
+                                            "composites")),
+    )
+
+
+def build(name: str, dtype=torch.float32):
+    return tiny_blip(decoder=False, dtype=dtype) if name == "blip" else tiny_albef(dtype=dtype)

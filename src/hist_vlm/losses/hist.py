@@ -51,7 +51,8 @@ class HistLossConfig:
     momentum: float = 0.995
     alpha: float = 0.4                     # distillation weight, ramped over epoch 0 (ALBEF)
     mlm_probability: float = 0.15
-    itm_hard_negatives: bool = True
+    itm_hard_negatives: bool = True       # False: uniform over the non-positives
+    itm_group_size: int | None = None      # negatives among groups of this many images (None: local batch)
     paper_ramp_epochs: float = 2.0
     seed: int = 0                          # shared by all ranks: negatives and masks
 
@@ -156,7 +157,7 @@ class HistLoss(nn.Module):
             keys=texts.keys, temp=temp,
             u_text=self._uniform(len(texts.rows), device=dev),
             u_image=self._uniform(image_embeds.shape[0], device=dev),
-            hard=self.config.itm_hard_negatives,
+            hard=self.config.itm_hard_negatives, group_size=self.config.itm_group_size,
         )
 
     def _language(self, model, twin, rows: TextRows, image_embeds, image_embeds_m, alpha) -> Tensor:

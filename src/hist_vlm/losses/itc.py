@@ -90,7 +90,12 @@ def positive_masks(
 
 
 def _soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    return -(F.log_softmax(logits, dim=1) * targets).sum(1)  # [rows]
+    return -(F.log_softmax(fp32_or_wider(logits), dim=1) * targets).sum(1)  # [rows]
+
+
+def fp32_or_wider(x: Tensor) -> Tensor:
+    """Loss math in float32 under bf16/fp16 autocast, float64 stays float64 (exactness tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def itc_loss(side: ItcSide, temp: Tensor, *, queue: ItcQueue | None = None, alpha: float = 0.0) -> Tensor:
@@ -111,8 +116,8 @@ def itc_loss(side: ItcSide, temp: Tensor, *, queue: ItcQueue | None = None, alph
     sim_t2i = side.text_feat @ img_cols.t() / temp   # [N, Bg(+Q)]
     sim_i2t = side.image_feat @ txt_cols.t() / temp  # [B, Ng(+Q)]
     with torch.no_grad():
-        tgt_t2i = pos_t2i.float() / pos_t2i.sum(1, keepdim=True).clamp(min=1)
-        tgt_i2t = pos_i2t.float() / pos_i2t.sum(1, keepdim=True).clamp(min=1)
+        tgt_t2i = pos_t2i.to(sim_t2i.dtype) / pos_t2i.sum(1, keepdim=True).clamp(min=1)
+        tgt_i2t = pos_i2t.to(sim_i2t.dtype) / pos_i2t.sum(1, keepdim=True).clamp(min=1)
         if alpha > 0 and side.text_feat_m is not None:
             tgt_t2i = alpha * F.softmax(side.text_feat_m @ img_cols.t() / temp, 1) + (1 - alpha) * tgt_t2i
             tgt_i2t = alpha * F.softmax(side.image_feat_m @ txt_cols.t() / temp, 1) + (1 - alpha) * tgt_i2t

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hist_vlm.losses.distributed import global_mean
-from hist_vlm.losses.itc import positive_masks
+from hist_vlm.losses.itc import fp32_or_wider, positive_masks
 from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import TextRows, VisionLanguageBackbone
 
@@ -36,7 +36,7 @@ def hard_negatives(
     """(negative image per text [N], negative text per image [B]); pos [N, B] local positives."""
     with torch.no_grad():
         if hard:
-            sim = text_feat.float() @ image_feat.float().t() / temp.float()  # [N, B]
+            sim = fp32_or_wider(text_feat) @ fp32_or_wider(image_feat).t() / temp  # [N, B]
             w_t2i = F.softmax(sim, 1).masked_fill(pos, 0)
             w_i2t = F.softmax(sim.t(), 1).masked_fill(pos.t(), 0)  # [B, N]
         else:  # uniform over the non-positives
@@ -59,14 +59,20 @@ def itm_loss(
     u_text: Tensor,
     u_image: Tensor,
     hard: bool = True,
+    group_size: int | None = None,
 ) -> Tensor:
     """Cross-entropy over N positives + N (text, negative image) + B (negative text, image) rows,
-    fused in ONE pass."""
+    fused in ONE pass. `group_size`: draw negatives only among images (and their texts) of the
+    same consecutive group of that many images; None = the whole local batch (ALBEF). Setting it
+    to the per-rank batch makes one process reproduce a multi-process step exactly."""
     b = image_embeds.shape[0]
+    arange_b = torch.arange(b, device=image_embeds.device)
     row_ids = image_ids[rows.image_index]
     pos, _ = positive_masks(row_ids, keys, image_ids, row_ids, keys, image_ids)  # [N, B]
-    neg_img, neg_txt = hard_negatives(text_feat, image_feat, temp, pos, u_text, u_image, hard=hard)
-    arange_b = torch.arange(b, device=image_embeds.device)
+    excluded = pos
+    if group_size is not None:
+        excluded = pos | (rows.image_index.unsqueeze(1) // group_size != (arange_b // group_size).unsqueeze(0))
+    neg_img, neg_txt = hard_negatives(text_feat, image_feat, temp, excluded, u_text, u_image, hard=hard)
     all_rows = cat_rows(
         rows,
         TextRows(rows.input_ids, rows.attention_mask, neg_img),
@@ -76,4 +82,4 @@ def itm_loss(
     logits = model.itm_logits(model.fuse_rows(all_rows, image_embeds, text_embeds=all_embeds))  # [2N+B, 2]
     n = len(rows)
     labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n + b, dtype=torch.long)]).to(logits.device)
-    return global_mean(F.cross_entropy(logits.float(), labels, reduction="none"))
+    return global_mean(F.cross_entropy(fp32_or_wider(logits), labels, reduction="none"))

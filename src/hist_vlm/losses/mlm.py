@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hist_vlm.losses.distributed import global_mean
+from hist_vlm.losses.itc import fp32_or_wider
 
 
 def mask_tokens(
@@ -42,9 +43,9 @@ def mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None = None, alp
     """Global mean over masked tokens of (1-alpha) CE + alpha * soft CE against the momentum
     model (log_softmax over the VOCABULARY; SelfEQ's dim=1 is a bug, albef_selfeq.md 1.6)."""
     sel = labels != -100  # [N, T]
-    logp = F.log_softmax(logits.float(), dim=-1)  # [N, T, V]
+    logp = F.log_softmax(fp32_or_wider(logits), dim=-1)  # [N, T, V]
     ce = F.nll_loss(logp.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [N, T]
     if logits_m is not None and alpha > 0:
-        soft = -(F.softmax(logits_m.float(), dim=-1) * logp).sum(-1)  # [N, T]
+        soft = -(F.softmax(fp32_or_wider(logits_m), dim=-1) * logp).sum(-1)  # [N, T]
         ce = (1 - alpha) * ce + alpha * soft
     return global_mean(ce, sel)
