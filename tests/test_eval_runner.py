@@ -125,3 +125,18 @@ def test_gradcam_maps_from_a_tiny_albef(world):
     pixels = torch.stack([x, x])
     maps = source(pixels, ["the red circle", "a star and a square"], torch.tensor([0, 1]))
     assert maps.shape == (2, 4, 4) and (maps >= 0).all() and maps.sum() > 0
+
+
+def test_gradcam_maps_from_a_tiny_blip(world):
+    from hist_vlm.models import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("blip", {"size": "tiny", "image_size": 32})
+    source = GradcamMaps(model)  # BLIP's default layer: the paper's 9th, clamped to its depth
+    assert source.layers == (model.default_capture_layer,) and source.max_length == 64
+    records = read_synthetic(world / "grounding.jsonl", splits=["test"])
+    with Image.open(records[0].image) as im:
+        assert source.preprocess(im.convert("RGB")).shape == (3, 32, 32)
+    report = evaluate(records, source, batch_size=8, progress=False)
+    s = report.summary()["test"]
+    assert s["n"] + s["n_composite"] == len(records) and 0.0 <= s["pointing"] <= 1.0

@@ -51,14 +51,34 @@ class MapSource(Protocol):
 
 # ----------------------------------------------------------------------------- the model side
 
+def _configs(model):
+    """Config objects of a backbone and of its direct submodules (transformers models keep
+    theirs there), with their vision/text sub-configs."""
+    for obj in (model, *model.children()):
+        cfg = getattr(obj, "config", None)
+        if cfg is None:
+            continue
+        yield cfg
+        for sub in ("vision_config", "text_config"):
+            if getattr(cfg, sub, None) is not None:
+                yield getattr(cfg, sub)
+
+
+def _config_int(model, name: str) -> int | None:
+    """The first integer `name` of the backbone itself or of its configs."""
+    for obj in (model, *_configs(model)):
+        value = getattr(obj, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def model_image_size(model) -> int:
     """The square input resolution a backbone was built for."""
-    cfg = getattr(model, "config", None)
-    for size in (getattr(model, "image_size", None), getattr(cfg, "image_size", None),
-                 getattr(getattr(cfg, "vision_config", None), "image_size", None)):
-        if isinstance(size, int):
-            return size
-    raise ValueError(f"cannot tell the input resolution of {type(model).__name__}")
+    size = _config_int(model, "image_size")
+    if size is None:
+        raise ValueError(f"cannot tell the input resolution of {type(model).__name__}")
+    return size
 
 
 def load_backbone(checkpoint: str | Path, name: str | None = None):
@@ -123,9 +143,9 @@ class GradcamMaps:
         self.layers, self.head, self.combine = tuple(layers), head, combine
         # eval texts are not truncated to the training length (ALBEF's Grounding.py pads to the
         # longest); the position table bounds them
-        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        limit = _config_int(model, "max_position_embeddings")
         self.device = torch.device(device)
-        self.max_length = min(max_length, limit) if isinstance(limit, int) else max_length
+        self.max_length = min(max_length, limit) if limit else max_length
         size = model_image_size(model)
         self.transform = v2.Compose([
             v2.PILToTensor(),
