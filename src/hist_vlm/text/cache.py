@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections import deque
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -117,28 +118,45 @@ class CachedParser:
         return next(self.parse_many([caption]))
 
     def parse_many(self, captions: Iterable[str], batch_size: int = 256) -> Iterator[list[Phrase]]:
+        """Look captions up a chunk at a time; the misses of all chunks go to ONE lazy
+        `parse_many` call on the wrapped parser, so a multi-process parser starts its workers
+        once. Each result is stored as it arrives, committed every `commit_every` results and,
+        in `finally`, on any exception or interrupt."""
         it = iter(captions)
-        while chunk := list(islice(it, batch_size)):
+        chunks: deque[tuple[list[str], dict[str, list[Phrase]], list[str]]] = deque()  # (chunk, found, missing)
+        feed: deque[str] = deque()  # misses not yet handed to the parser
+
+        def next_chunk() -> bool:
+            chunk = list(islice(it, batch_size))
+            if not chunk:
+                return False
             found = self.cache.get_many(self.name, self.version, chunk)
             missing = [c for c in dict.fromkeys(chunk) if c not in found]
             self.hits += len(chunk) - len(missing)
-            if missing:
-                self._parse_and_store(missing, found, batch_size)
-            for caption in chunk:
-                yield found[caption]
+            chunks.append((chunk, found, missing))
+            feed.extend(missing)
+            return True
 
-    def _parse_and_store(self, missing: list[str], found: dict[str, list[Phrase]], batch_size: int) -> None:
-        """Parse `missing` into `found`, committing every `commit_every` results and, in
-        `finally`, whatever came back before an exception or interrupt."""
+        def misses() -> Iterator[str]:
+            while feed or next_chunk():
+                if feed:
+                    yield feed.popleft()
+
+        results = self.parser.parse_many(misses(), batch_size)
         pending: list[tuple[str, list[Phrase]]] = []
         try:
-            for caption, phrases in zip(missing, self.parser.parse_many(missing, batch_size)):
-                found[caption] = phrases
-                pending.append((caption, phrases))
-                self.misses += 1
-                if len(pending) >= self.commit_every:
-                    self.cache.put_many(self.name, self.version, pending)
-                    pending = []
+            while chunks or next_chunk():
+                chunk, found, missing = chunks[0]
+                for caption in missing:  # the parser answers in feed order, chunk after chunk
+                    found[caption] = next(results)
+                    pending.append((caption, found[caption]))
+                    self.misses += 1
+                    if len(pending) >= self.commit_every:
+                        self.cache.put_many(self.name, self.version, pending)
+                        pending = []
+                chunks.popleft()
+                for caption in chunk:
+                    yield found[caption]
         finally:
             if pending:
                 self.cache.put_many(self.name, self.version, pending)
