@@ -1,6 +1,5 @@
 """Parse cache: keyed storage, near-instant re-parse, and resume after an interrupted run."""
 import json
-import os
 import re
 import signal
 import subprocess

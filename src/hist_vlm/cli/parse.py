@@ -90,7 +90,7 @@ def parse(
     sample: bool = typer.Option(False, "--sample", help="Parse the bundled sample captions and show a few images."),
 ) -> None:
     """Parse captions into noun phrases, subjects and composite pairs (Algorithm 1)."""
-    from hist_vlm.data.captions import FORMATS, MAX_CAPTION_CHARS, CaptionFileError, ReadStats, read_captions
+    from hist_vlm.data.captions import FORMATS, CaptionFileError, ReadStats, read_captions
     from hist_vlm.text.cache import CachedParser, ParseCache
     from hist_vlm.text.corpus import CorpusStats, atomic_write_jsonl, parse_images, read_records
     from hist_vlm.text.llm_parser import LLMError
@@ -163,21 +163,21 @@ def parse(
         _show_records(list(read_records(out))[:PREVIEW_IMAGES] if out is not None else preview)
         if out is None:
             return
-    _summary(parser, stats, read_stats, out, cache_dir if cache is not None else None, cache is not None, MAX_CAPTION_CHARS)
+    _summary(parser, stats, read_stats, out, cache)
 
 
-def _summary(parser, stats, read_stats, out: Path, cache_dir, cached: bool, max_chars: int) -> None:
-    from hist_vlm.text.cache import default_cache_dir
+def _summary(parser, stats, read_stats, out: Path, cache) -> None:
+    from hist_vlm.data.captions import MAX_CAPTION_CHARS
 
     typer.echo(f"\nwrote {out}: {stats.images} images, {stats.captions} captions ({parser.name} {parser.version})")
     typer.echo(f"  phrases: {stats.phrases} ({stats.phrases_per_caption:.2f} per caption)")
     typer.echo(f"  images with at least one pair: {stats.images_with_pair} of {stats.images} ({stats.pairs} pairs)")
     typer.echo(
         f"  captions skipped: {read_stats.skipped_empty} empty; images without a usable caption: "
-        f"{read_stats.images_without_captions}; captions truncated at {max_chars} characters: {read_stats.truncated}"
+        f"{read_stats.images_without_captions}; captions truncated at {MAX_CAPTION_CHARS} characters: {read_stats.truncated}"
     )
-    if cached:
-        typer.echo(f"  cache: {parser.hits} hits, {parser.misses} parsed ({cache_dir or default_cache_dir()})")
+    if cache is not None:
+        typer.echo(f"  cache: {parser.hits} hits, {parser.misses} parsed ({cache.directory})")
         parser = parser.parser
     if hasattr(parser, "stats"):
         typer.echo(f"  LLM: {parser.stats.summary()}")
