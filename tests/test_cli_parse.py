@@ -1,11 +1,17 @@
 """`hist-vlm parse`: the output schema, the summary, the cache, and one-line errors on bad input."""
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
+from hist_vlm.text.cache import CACHE_FILE, ParseCache
+from hist_vlm.text.spacy_parser import SpacyParser
 
 
 def run(*args, env=None):
@@ -142,3 +148,37 @@ def test_two_spacy_workers_give_the_same_output(tmp_path):
         assert res.exit_code == 0, res.output
         outs.append(out.read_text())
     assert outs[0] == outs[1] and outs[0].count("\n") == 20
+
+
+def cached(cache_dir) -> int:
+    if not (cache_dir / CACHE_FILE).exists():
+        return 0
+    with ParseCache(cache_dir) as cache:
+        return cache.count("spacy", SpacyParser.version)
+
+
+def test_ctrl_c_leaves_no_output_and_the_rerun_resumes(tmp_path):
+    """A real SIGINT to a running `hist-vlm parse`: exit 130, old output kept, cache kept."""
+    src = tmp_path / "big.jsonl"
+    with src.open("w") as f:
+        for k in range(200):
+            caps = [f"a man number {k} holds umbrella {m} beside a white horse {k * 5 + m}" for m in range(5)]
+            f.write(json.dumps({"image": f"{k}.jpg", "captions": caps}) + "\n")
+    out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
+    out.write_text("previous run\n")
+    cmd = [sys.executable, "-c", "from hist_vlm.cli import main; main()", "parse", str(src), "--format", "jsonl",
+           "--out", str(out), "--cache-dir", str(cache), "--batch-size", "32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and cached(cache) < 64:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"interrupted: {out} not written; re-run to resume from the cache" in err and "Traceback" not in err
+    assert out.read_text() == "previous run\n" and not list(tmp_path.glob(".out.jsonl*"))
+    kept = cached(cache)
+    assert 64 <= kept < 1000
+    res = run(src, "--format", "jsonl", "--out", out, "--cache-dir", cache)
+    assert res.exit_code == 0 and f"cache: {kept} hits, {1000 - kept} parsed" in res.stdout

@@ -95,7 +95,7 @@ def parse_images(
                 fed.append((key, caps))
                 yield from caps
 
-    results = parser.parse_many(captions(), batch_size)
+    results = iter(parser.parse_many(captions(), batch_size))
     for first in results:
         # the image is in `fed` before its first caption reaches the parser
         key, caps = fed.popleft()

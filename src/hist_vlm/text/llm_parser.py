@@ -246,12 +246,16 @@ class LLMParser:
         window = max(2 * self.config.concurrency, 1)
         with ThreadPoolExecutor(self.config.concurrency) as pool:
             pending: deque = deque()
-            for caption in captions:
-                pending.append(pool.submit(self.parse, caption))
-                if len(pending) >= window:
+            try:
+                for caption in captions:
+                    pending.append(pool.submit(self.parse, caption))
+                    if len(pending) >= window:
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            finally:  # on an error or an abandoned stream, do not send the queued requests
+                for future in pending:
+                    future.cancel()
 
     def _ask(self, caption: str) -> str:
         """One chat completion; transient failures (timeouts, 429, 5xx) count as a rejection
