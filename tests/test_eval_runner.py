@@ -117,7 +117,7 @@ def test_gradcam_maps_from_a_tiny_albef(world):
     with Image.open(records[0].image) as im:
         x = source.preprocess(im.convert("RGB"))
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and x.mean().abs() < 3
-    report = evaluate(records, source, batch_size=6, progress=False)
+    report = evaluate(records, source, batch_size=6, num_workers=2, progress=False)  # workers: no model inside
     s = report.summary()["val"]
     assert s["n"] + s["n_composite"] == len(records)
     assert 0.0 <= s["pointing"] <= 1.0 and not math.isnan(s["ciou"])
@@ -140,3 +140,36 @@ def test_gradcam_maps_from_a_tiny_blip(world):
     report = evaluate(records, source, batch_size=8, progress=False)
     s = report.summary()["test"]
     assert s["n"] + s["n_composite"] == len(records) and 0.0 <= s["pointing"] <= 1.0
+
+
+def test_load_backbone_formats_and_errors(tmp_path):
+    from hist_vlm.eval.runner import load_backbone
+    from hist_vlm.models import build_backbone
+    from hist_vlm.models.albef import AlbefConfig, AlbefModel
+    from hist_vlm.models.albef_checkpoint import to_albef_state_dict
+
+    torch.manual_seed(0)
+    albef = AlbefModel(AlbefConfig(image_size=64, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2,
+                                   text_width=32, text_layers=3, text_heads=2, text_intermediate_size=64,
+                                   fusion_layer=1, embed_dim=16, momentum=False))
+    # an official-format .pth, evaluated at a larger resolution (position embeddings interpolated)
+    torch.save({"model": to_albef_state_dict(albef)}, tmp_path / "albef.pth")
+    big = load_backbone(tmp_path / "albef.pth", image_size=96)
+    assert big.patch_grid == (6, 6)
+    maps = GradcamMaps(big, layers=[1])(torch.randn(1, 3, 96, 96), ["a red star"], torch.tensor([0]))
+    assert maps.shape == (1, 6, 6)
+    # a training checkpoint folder: its model/ is loaded, same weights
+    albef.save_pretrained(tmp_path / "step-00000001" / "model")
+    again = load_backbone(tmp_path / "step-00000001")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in albef.state_dict().items())
+    # a transformers BLIP folder is recognised by its model_type
+    blip = build_backbone("blip", {"size": "tiny"})
+    blip.retrieval.save_pretrained(tmp_path / "blip")
+    assert type(load_backbone(tmp_path / "blip")).__name__ == "BlipBackbone"
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_backbone(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_backbone(tmp_path / "empty")
+    with pytest.raises(ValueError, match="only be chosen for an official .pth"):
+        load_backbone(tmp_path / "blip", image_size=64)

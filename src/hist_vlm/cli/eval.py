@@ -26,24 +26,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combine, device, overrides=()):
-    """(map source, training config or None) from the CLI's model options; user mistakes
-    become one-line errors."""
+def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combine, device, image_size=None):
+    """(map source, training config or None) from the CLI's model options. The config supplies
+    the backbone name and the GradCAM layer/head/combination of training, which the options
+    override. User mistakes become one-line errors."""
     from hist_vlm.eval.runner import GradcamMaps, load_backbone
     from hist_vlm.train.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, list(overrides)) if config is not None else None
-        if not checkpoint.exists():
-            raise typer.BadParameter(f"--checkpoint {checkpoint}: not found")
-        model = load_backbone(checkpoint, cfg.model.name if cfg else None)
+        cfg = load_config(config) if config is not None else None
+        model = load_backbone(checkpoint, cfg.model.name if cfg else None, image_size)
         if cfg is not None:
             layers = layers or list(cfg.loss.capture_layers or [])
             head = cfg.loss.capture_head if head is None else head
             combine = combine or cfg.loss.capture_combine
         return GradcamMaps(model, layers=layers, head=head, combine=combine or "mean",
                            device=resolve_device(device)), cfg
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
 
 
@@ -63,7 +62,7 @@ def pointing(
     layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based; default: the config's loss.capture_layers."),
     head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
     combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
-    override: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (RefCOCO+/ReferIt: 384)."),
 ) -> None:
     """Pointing-game accuracy per split (and multi-object metrics on the synthetic world).
 
@@ -75,7 +74,7 @@ def pointing(
 
     if data not in BENCHMARKS:
         raise typer.BadParameter(f"--data {data!r}: choose one of {', '.join(BENCHMARKS)}")
-    source, cfg = gradcam_source(config, checkpoint, layers, head, combine, device, override)
+    source, cfg = gradcam_source(config, checkpoint, layers, head, combine, device, image_size)
     if data_root is None:
         if data != "synthetic":
             raise typer.BadParameter("--data-root is required for real benchmarks")

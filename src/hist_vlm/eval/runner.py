@@ -81,19 +81,34 @@ def model_image_size(model) -> int:
     return size
 
 
-def load_backbone(checkpoint: str | Path, name: str | None = None):
+def load_backbone(checkpoint: str | Path, name: str | None = None, image_size: int | None = None):
     """A trained backbone from `checkpoint`: a `save_pretrained` folder, a training checkpoint
-    (`RUN/checkpoints/step-N`, whose `model/` is used) or an official ALBEF `.pth`. `name`
-    ("albef" | "blip") defaults to what the folder's config.json says."""
-    from hist_vlm.train.config import ModelConfig
-    from hist_vlm.train.model import build_model
+    (`RUN/checkpoints/step-N`, whose `model/` is used) or an official ALBEF `.pth`.
 
+    `name` ("albef" | "blip") defaults to what the folder's config.json says. `image_size`
+    (official .pth only) builds the model at that resolution with interpolated position
+    embeddings, as ALBEF evaluates RefCOCO+/ReferIt at 384 px.
+    """
     path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
     if (path / "model" / "config.json").is_file():
         path = path / "model"
-    if name is None:
-        name = _backbone_name(path)
-    return build_model(ModelConfig(name=name, checkpoint=str(path)))
+    name = name or _backbone_name(path)
+    if image_size is not None and path.is_dir():
+        raise ValueError("an input size can only be chosen for an official .pth checkpoint")
+    if name == "albef":
+        from hist_vlm.models.albef import AlbefModel
+
+        if path.is_dir():
+            return AlbefModel.from_pretrained(path)
+        sizes = {"image_size": image_size} if image_size else {}
+        return AlbefModel.from_albef_checkpoint(path, verbose=False, **sizes)
+    if name == "blip":
+        from hist_vlm.models.blip import BlipBackbone
+
+        return BlipBackbone.from_pretrained(path)
+    raise ValueError(f"unknown backbone {name!r} (albef or blip)")
 
 
 def _backbone_name(path: Path) -> str:
@@ -147,15 +162,13 @@ class GradcamMaps:
         self.device = torch.device(device)
         self.max_length = min(max_length, limit) if limit else max_length
         size = model_image_size(model)
-        self.transform = v2.Compose([
+        # a plain transform object, not a method: DataLoader workers receive it without the model
+        self.preprocess = v2.Compose([
             v2.PILToTensor(),
             v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGE_MEAN, IMAGE_STD),
         ])
-
-    def preprocess(self, image: Image.Image) -> Tensor:
-        return self.transform(image)
 
     def __call__(self, pixel_values: Tensor, texts: list[str], image_index: Tensor) -> Tensor:
         from hist_vlm.losses.gradcam import gradcam_maps
@@ -246,8 +259,8 @@ def _pct(x: float) -> str:
 class _Batches(torch.utils.data.Dataset):
     """Batch b = records [b*bs, (b+1)*bs): distinct images loaded and preprocessed once."""
 
-    def __init__(self, records: Sequence[GroundingRecord], batch_size: int, source: MapSource):
-        self.records, self.bs, self.source = records, batch_size, source
+    def __init__(self, records: Sequence[GroundingRecord], batch_size: int, preprocess):
+        self.records, self.bs, self.preprocess = records, batch_size, preprocess
 
     def __len__(self) -> int:
         return math.ceil(len(self.records) / self.bs)
@@ -260,7 +273,7 @@ class _Batches(torch.utils.data.Dataset):
         pixels = []
         for path in slot:
             with Image.open(path) as im:
-                pixels.append(self.source.preprocess(im.convert("RGB")))
+                pixels.append(self.preprocess(im.convert("RGB")))
         index = torch.tensor([slot[r.image] for r in recs], dtype=torch.long)
         return list(range(b * self.bs, b * self.bs + len(recs))), torch.stack(pixels), index
 
@@ -291,7 +304,7 @@ def evaluate(
     if not records:
         raise ValueError("no grounding records to evaluate")
     loader = torch.utils.data.DataLoader(
-        _Batches(records, batch_size, source), batch_size=None, num_workers=num_workers,
+        _Batches(records, batch_size, source.preprocess), batch_size=None, num_workers=num_workers,
     )
     splits: dict[str, SplitMetrics] = defaultdict(SplitMetrics)
     sink = None
@@ -302,9 +315,10 @@ def evaluate(
         with tqdm(total=len(records), desc="grounding eval", unit="query", disable=not progress) as bar:
             for idx, pixels, image_index in loader:
                 recs = [records[i] for i in idx]
-                maps = source(pixels, [r.text for r in recs], image_index).detach().float().cpu()  # [N, gh, gw]
+                maps = source(pixels, [r.text for r in recs], image_index).detach().float()  # [N, gh, gw]
+                # upsampling + argmax where the maps are (the GPU in SelfEQ's scripts too)
                 points = pointing_points(maps, [(r.height, r.width) for r in recs])
-                for rec, heat, point in zip(recs, maps, points):
+                for rec, heat, point in zip(recs, maps.cpu(), points):
                     res = _score(rec, heat, point)
                     splits[rec.split].add(res)
                     if sink is not None:
