@@ -107,6 +107,9 @@ ELLIPTIC_DEPS = {"nsubj", "nsubjpass", "dobj", "pobj", "appos", "pcomp", "attr"}
 RECIPROCALS = {("each", "other"), ("one", "another")}
 # Left dependents that belong inside a noun phrase; a subject or a clause to the left of a
 # misparsed head ("A woman is sewing [linens]") does not.
+# The nouns of English complex prepositions ("in front of", "on top of", "in place of").
+COMPLEX_PREPOSITION_NOUNS = {"front", "top", "back", "place", "spite", "behalf", "lieu", "charge",
+                             "search", "case", "account", "favor", "favour"}
 # Nouns formed from -ing verbs that name things one can point at (not activities).
 OBJECT_ING_NOUNS = {"building", "clothing", "setting", "painting", "drawing", "ceiling", "railing",
                     "siding", "scaffolding", "bedding", "opening", "crossing", "landing", "carving",
@@ -147,8 +150,10 @@ class _Rules:
                 or (t.i + 1 < len(d) and (t.lower_, d[t.i + 1].lower_) in RECIPROCALS))
 
     def of_object(self, t):
-        """The object Y of "X of Y" (any noun phrase head or pronoun), else None."""
+        """The object Y of "X of Y" or "X full of Y" (a phrase head or pronoun), else None."""
         for c in t.rights:
+            if c.dep_ == "amod" and c.i == t.i + 1:  # "a stadium full of people"
+                return self.of_object(c)
             if c.dep_ == "prep" and c.lower_ == "of":
                 for p in c.children:
                     if p.dep_ == "pobj" and (self.is_head(p) or self.pos[p.i] == "PRON"):
@@ -156,18 +161,19 @@ class _Rules:
         return None
 
     def in_compound_preposition(self, t) -> bool:
-        """"front" in "in front of", "top" in "on top of": a bare singular noun between a
-        preposition and "of" is part of the preposition, not a phrase."""
-        return (t.dep_ == "pobj" and t.tag_ == "NN" and not any(True for _ in t.lefts)
+        """"front" in "in front of", "top" in "on top of": the bare noun of a complex
+        preposition is no phrase ("the top of a ramp", with a determiner, is one)."""
+        return (t.lower_ in COMPLEX_PREPOSITION_NOUNS and t.dep_ == "pobj" and not any(True for _ in t.lefts)
                 and self.of_object(t) is not None)
 
     def adjective_coordination_end(self, t) -> int:
-        """End of an adjective head with its coordinated adjectives: "a man in [red and
-        white]"; a noun head ends at itself."""
+        """End of an adjective head with its coordinated bare adjectives or singular nouns
+        (colours the tagger calls nouns): "a man in [red and white]", "[white and navy]"."""
         e = t.i + 1
         if self.pos[t.i] == "ADJ":
             for c in t.rights:
-                if c.dep_ == "conj" and self.pos[c.i] == "ADJ" and c.i == e + 1 and self.doc[e].dep_ == "cc":
+                if (c.dep_ == "conj" and c.i == e + 1 and self.doc[e].dep_ == "cc" and not any(c.children)
+                        and (self.pos[c.i] == "ADJ" or c.tag_ == "NN")):
                     e = c.i + 1
         return e
 
@@ -182,11 +188,12 @@ class _Rules:
         leaps" (a plural noun after a singular article), "[a man] grilling" (an -ing form right
         after a noun)."""
         prev = self.doc[t.i - 1] if t.i > 0 else None
-        if prev is None or self.pos[prev.i] not in NOUNS or prev.head != t:
+        if prev is None or prev.head != t:
             return False
         if t.tag_ == "NNS":
-            return any(c.dep_ == "det" and c.lower_ in ("a", "an") for c in t.lefts)
-        return t.tag_ == "NN" and self.is_verb_ing(t.lower_)
+            s = self.left_bound(t)
+            return (self.pos[prev.i] in NOUNS or self.pos[prev.i] == "ADJ") and self.doc[s].lower_ in ("a", "an")
+        return t.tag_ == "NN" and self.pos[prev.i] in NOUNS and self.is_verb_ing(t.lower_)
 
     def is_verb_ing(self, word: str) -> bool:
         """"grilling", "diving": an -ing form of a known verb that is not also an everyday
@@ -240,12 +247,21 @@ class _Rules:
         left of t, without leading punctuation or conjunctions."""
         s = t.i
         for c in reversed(list(t.lefts)):
-            if c.dep_ not in NP_LEFT_DEPS or c.i != s - 1 and c.right_edge.i != s - 1:
+            if c.dep_ not in NP_LEFT_DEPS or c.right_edge.i != s - 1:
+                break
+            if self.pos[c.i] in NOUNS and any(self.is_coordinator(x) for x in c.rights):
+                # "a hat and [pink shirt]", "a mask, [green beads]": the parser hung the
+                # first conjunct on the second; it is a phrase of its own (an orphan noun)
+                s = next(x.i for x in c.rights if self.is_coordinator(x)) + 1
                 break
             s = c.left_edge.i
         while s < t.i and self.doc[s].dep_ in ("cc", "punct"):
             s += 1
         return s
+
+    @staticmethod
+    def is_coordinator(t) -> bool:
+        return t.dep_ == "cc" or t.text == ","
 
     def subject(self, s: int, e: int, head) -> int:
         """The last noun of the phrase ("people" in "a group of people"), else its head."""
@@ -257,7 +273,7 @@ class _Rules:
 
 class SpacyParser:
     name = "spacy"
-    version = "1"
+    version = "2"
 
     def __init__(self, model: str | None = None, workers: int = 1):
         if workers < 1:
