@@ -110,6 +110,8 @@ RECIPROCALS = {("each", "other"), ("one", "another")}
 # The nouns of English complex prepositions ("in front of", "on top of", "in place of").
 COMPLEX_PREPOSITION_NOUNS = {"front", "top", "back", "place", "spite", "behalf", "lieu", "charge",
                              "search", "case", "account", "favor", "favour"}
+# Words after which "a" takes a plural noun ("a few people").
+PLURAL_AFTER_ARTICLE = {"few", "couple", "dozen", "hundred", "thousand", "lot", "great", "good"}
 # Nouns formed from -ing verbs that name things one can point at (not activities).
 OBJECT_ING_NOUNS = {"building", "clothing", "setting", "painting", "drawing", "ceiling", "railing",
                     "siding", "scaffolding", "bedding", "opening", "crossing", "landing", "carving",
@@ -122,10 +124,11 @@ NP_LEFT_DEPS = {"det", "predet", "amod", "compound", "nummod", "poss", "nmod", "
 class _Rules:
     """Noun phrases of one parsed caption, as (start token, end token exclusive, subject token)."""
 
-    def __init__(self, doc, pos_table: _PosTable, verbs: frozenset[str]):
+    def __init__(self, doc, pos_table: _PosTable, lexicon: dict[str, frozenset[str]]):
         self.doc = doc
-        self.verbs = verbs
-        self.pos = [pos_table.pos(t) for t in doc]
+        self.verbs = lexicon["verb"]
+        # a caption-initial "Boy" is tagged as an interjection; a known noun is a noun
+        self.pos = [("NOUN" if t.tag_ == "UH" and t.lower_ in lexicon["noun"] else pos_table.pos(t)) for t in doc]
 
     def is_head(self, t) -> bool:
         pos = self.pos[t.i]
@@ -177,6 +180,14 @@ class _Rules:
                     e = c.i + 1
         return e
 
+    def alternative(self, t):
+        """The Y of "X or Y" ("a white cap or hat"): alternatives name one entity."""
+        for c in t.rights:
+            if c.dep_ == "conj" and self.is_head(c) and any(
+                    x.dep_ == "cc" and x.lower_ == "or" and x.i < c.i for x in t.rights):
+                return c
+        return None
+
     def is_partitive_pronoun(self, t) -> bool:
         """"one of them", "some of it": a numeral or quantifier of a pronoun refers back, like
         the pronoun itself."""
@@ -192,7 +203,8 @@ class _Rules:
             return False
         if t.tag_ == "NNS":
             s = self.left_bound(t)
-            return (self.pos[prev.i] in NOUNS or self.pos[prev.i] == "ADJ") and self.doc[s].lower_ in ("a", "an")
+            return ((self.pos[prev.i] in NOUNS or self.pos[prev.i] == "ADJ") and self.doc[s].lower_ in ("a", "an")
+                    and self.doc[s + 1].lower_ not in PLURAL_AFTER_ARTICLE)
         return t.tag_ == "NN" and self.pos[prev.i] in NOUNS and self.is_verb_ing(t.lower_)
 
     def is_verb_ing(self, word: str) -> bool:
@@ -214,6 +226,10 @@ class _Rules:
             if y is not None and not self.in_compound_preposition(t):
                 e = end.get(y.i, y.i + 1)
                 merged.add(y.i)
+            alt = self.alternative(t)
+            if alt is not None:
+                e = max(e, end[alt.i])
+                merged.add(alt.i)
             end[t.i] = e
         out = []
         for t in heads:
@@ -273,14 +289,15 @@ class _Rules:
 
 class SpacyParser:
     name = "spacy"
-    version = "2"
+    version = "3"
 
     def __init__(self, model: str | None = None, workers: int = 1):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.nlp, ruler, self.lemmatizer = load_spacy_model(model)
         self.pos_table = _PosTable(ruler)
-        self.verbs = frozenset(self.lemmatizer.lookups.get_table("lemma_index")["verb"])
+        index = self.lemmatizer.lookups.get_table("lemma_index")
+        self.lexicon = {pos: frozenset(index[pos]) for pos in ("noun", "verb")}
         self.workers = workers
 
     def parse(self, caption: str) -> list[Phrase]:
@@ -293,7 +310,7 @@ class SpacyParser:
     def phrases(self, doc) -> list[Phrase]:
         """Phrases of a doc parsed by self.nlp (tagger + parser), in caption order."""
         out = []
-        for s, e, h in _Rules(doc, self.pos_table, self.verbs).spans():
+        for s, e, h in _Rules(doc, self.pos_table, self.lexicon).spans():
             span, sub = doc[s:e], doc[h]
             out.append(Phrase(
                 text=span.text, start=span.start_char, end=span.end_char,
