@@ -175,6 +175,7 @@ class AlbefSelfAttention(nn.Module):
             context = self.dropout(probs) @ v
         else:
             drop = self.dropout.p if self.training else 0.0
+            mask = None if mask is None else mask.to(q.dtype)  # CUDA kernels want the query's dtype (autocast)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         context = context.transpose(1, 2).reshape(*hidden.shape[:2], -1)  # [N, T, D]
         return context, probs
@@ -327,10 +328,17 @@ class _AlbefProtocol(VisionLanguageBackbone):
     """The protocol over one set of towers; the online model and its momentum twin share it."""
 
     config: AlbefConfig
-    tokenizer: AlbefTokenizer
+    _tokenizer: AlbefTokenizer | None = None
 
     def _towers(self) -> _Towers:
         raise NotImplementedError
+
+    @property
+    def tokenizer(self) -> AlbefTokenizer:
+        """Built on first use, so that a model can be built and loaded without a vocabulary."""
+        if self._tokenizer is None:
+            self._tokenizer = AlbefTokenizer(self.config.vocab_file)
+        return self._tokenizer
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -394,7 +402,7 @@ class AlbefModel(_AlbefProtocol):
     def __init__(self, config: AlbefConfig | None = None, tokenizer: AlbefTokenizer | None = None):
         super().__init__()
         self.config = cfg = config or AlbefConfig()
-        self.tokenizer = tokenizer or AlbefTokenizer(cfg.vocab_file)
+        self._tokenizer = tokenizer
         self.visual_encoder = build_vision_encoder(cfg)
         self.text_encoder = AlbefTextEncoder(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
@@ -487,7 +495,7 @@ class AlbefMomentumTwin(_AlbefProtocol):
     def __init__(self, model: AlbefModel):
         super().__init__()
         self.config = model.config
-        self.tokenizer = model.tokenizer
+        self._tokenizer = model._tokenizer
         self.visual_encoder_m = model.visual_encoder_m
         self.text_encoder_m = model.text_encoder_m
         self.vision_proj_m = model.vision_proj_m
