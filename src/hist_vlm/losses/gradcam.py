@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import contextlib
+
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hist_vlm.models.base import TextRows, VisionLanguageBackbone
 
@@ -59,7 +62,10 @@ def gradcam_maps(
     if not layers:
         raise ValueError("gradcam_maps needs at least one layer")
     gh, gw = model.patch_grid
-    with torch.enable_grad():
+    # fused SDPA kernels (cuDNN, flash, mem-efficient) have no double backward: a
+    # create_graph pass must record the attention layers above the capture as plain math
+    math_sdpa = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+    with torch.enable_grad(), math_sdpa:
         # one fusion pass per distinct layer; every pass's logits sum into one scalar, whose
         # gradient w.r.t. each captured tensor is that pass's own (passes are independent)
         attns: list[Tensor] = []
