@@ -108,3 +108,30 @@ def test_ground_draws_a_figure(setup):
     assert res.exit_code == 0, res.output
     res = _run(["ground", str(root / "nope.png"), "a star", "--checkpoint", str(ckpt)])
     assert res.exit_code != 0 and "not a readable image" in res.output
+
+
+def test_eval_pointing_flickr30k_layout_and_missing_refcoco_images(setup, tmp_path):
+    import pickle
+
+    root, config, ckpt = setup
+    flickr = tmp_path / "flickr"
+    (flickr / "flickr30k_images").mkdir(parents=True)
+    Image.new("RGB", (90, 60), (200, 30, 30)).save(flickr / "flickr30k_images" / "7.jpg")
+    (flickr / "test.txt").write_text("7\n")
+    (flickr / "bounding_boxes_test.json").write_text(json.dumps({"7": {"boxes": {"1": [[0, 0, 90, 60]]}}}))
+    (flickr / "sentences_test.json").write_text(json.dumps({"7": [{"phrases": [{"phrase_id": "1", "phrase": "a red wall"}]}]}))
+    common = [str(config), "--checkpoint", str(ckpt), "--device", "cpu", "--num-workers", "0"]
+    res = _run(["eval", "pointing", *common, "--data", "flickr30k", "--data-root", str(flickr)])
+    assert res.exit_code == 0, res.output
+    assert "1 queries from flickr30k" in res.output and "test: pointing" in res.output
+
+    refer = tmp_path / "refer"
+    (refer / "refcoco+").mkdir(parents=True)
+    with (refer / "refcoco+" / "refs(unc).p").open("wb") as f:
+        pickle.dump([{"ref_id": 1, "ann_id": 2, "image_id": 3, "split": "testA"}], f)
+    (refer / "refcoco+" / "instances.json").write_text(json.dumps({
+        "images": [{"id": 3, "width": 64, "height": 48}], "annotations": [{"id": 2, "image_id": 3, "bbox": [1, 1, 9, 9]}]}))
+    (refer / "refcoco+_test.json").write_text(json.dumps([{"image": "coco/3.jpg", "text": "left cat", "ref_id": 1}]))
+    res = _run(["eval", "pointing", *common, "--data", "refcoco+", "--data-root", str(refer)])
+    assert res.exit_code != 0 and "3.jpg: image not found (1 images missing)" in res.output
+    assert "Traceback" not in res.output

@@ -173,3 +173,17 @@ def test_load_backbone_formats_and_errors(tmp_path):
         load_backbone(tmp_path / "empty")
     with pytest.raises(ValueError, match="only be chosen for an official .pth"):
         load_backbone(tmp_path / "blip", image_size=64)
+
+
+def test_missing_images_fail_before_any_model_work(tmp_path):
+    rec = GroundingRecord("1", tmp_path / "gone.jpg", "a dog", ((0, 0, 1, 1),), "xywh", "val", 10, 10)
+
+    class Never:
+        def preprocess(self, image):
+            raise AssertionError("must not be called")
+
+        def __call__(self, *a):
+            raise AssertionError("must not be called")
+
+    with pytest.raises(FileNotFoundError, match="gone.jpg: image not found \\(1 images missing\\)"):
+        evaluate([rec, rec], Never(), progress=False)

@@ -87,7 +87,10 @@ def pointing(
         raise typer.BadParameter(f"no queries in {data_root} for splits {split or 'all'}")
     typer.echo(f"{len(records)} queries from {data} ({data_root}); layers {list(source.layers)}, "
                f"head {source.head if source.head is not None else 'mean'}, device {source.device}")
-    report = evaluate(records, source, batch_size=batch_size, num_workers=num_workers, out=out)
+    try:
+        report = evaluate(records, source, batch_size=batch_size, num_workers=num_workers, out=out)
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e)) from None
     for line in report.lines():
         typer.echo(line)
     if out is not None:

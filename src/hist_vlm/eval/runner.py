@@ -303,6 +303,9 @@ def evaluate(
     """Score every record; with `out`, write one JSON line of `ItemResult` per record."""
     if not records:
         raise ValueError("no grounding records to evaluate")
+    missing = [p for p in dict.fromkeys(r.image for r in records) if not p.is_file()]
+    if missing:  # before any model work, not as a worker traceback halfway through
+        raise FileNotFoundError(f"{missing[0]}: image not found ({len(missing)} images missing)")
     loader = torch.utils.data.DataLoader(
         _Batches(records, batch_size, source.preprocess), batch_size=None, num_workers=num_workers,
     )
