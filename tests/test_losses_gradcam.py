@@ -90,3 +90,23 @@ def test_second_order_gradient_matches_finite_differences(name):
         fd = (up - down) / (2 * eps)
         assert abs(fd) > 0, "finite difference is zero: the test would prove nothing"
         assert g[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_reference_recipe_matches_albef_grounding_written_out(name):
+    """ALBEF Grounding.py, literally: backward of the match-logit sum, A.grad, mask, clamp,
+    mean over heads then over all padded tokens."""
+    model, layer, img = _setup(name)
+    rows = _rows(model, TEXTS, [1, 0, 1])
+    fused = model.fuse_rows(rows, img, capture_layer=layer)
+    attn = fused.cross_attention
+    attn.retain_grad()
+    model.itm_logits(fused)[:, 1].sum().backward()
+    n, heads, t, _ = attn.shape
+    mask = rows.attention_mask.view(n, 1, t, 1).float()
+    cams = attn[..., 1:] * mask
+    grads = attn.grad[..., 1:].clamp(min=0) * mask
+    expected = (cams * grads).mean(1).mean(1).reshape(n, *model.patch_grid)
+    got = gradcam_maps(model, img, rows, layers=(layer,), recipe="reference")
+    torch.testing.assert_close(got, expected.detach())
+    assert not got.requires_grad

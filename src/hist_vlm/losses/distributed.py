@@ -18,7 +18,6 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 
@@ -29,13 +28,32 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: all_gather along dim 0. Backward: every rank's gradient w.r.t. the gathered
+    tensor is summed (all_reduce) and each owner keeps its slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        rank, size = world()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        out = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """All ranks' `x` concatenated along dim 0 in rank order; the gradient flows back to
-    each owner (summed over ranks), as open_clip's ClipLoss(gather_with_grad=True). Shapes
-    must match across ranks."""
+    each owner, summed over ranks (open_clip's ClipLoss with gather_with_grad + local_loss).
+    Shapes must match across ranks."""
     if world()[1] == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
