@@ -13,6 +13,8 @@ from hist_vlm.data.synthetic import (
     render_scene,
     scene_rng,
 )
+from hist_vlm.data.captions import read_captions
+from hist_vlm.text.pairs import composite_text, pairs_for_image
 from hist_vlm.text.spacy_parser import SpacyParser
 
 
@@ -136,3 +138,20 @@ def test_spacy_parser_finds_shapes_as_subjects_and_partners(world):
                 subjects_of_image |= {s for s in subjects if s in SHAPES}
             assert len(subjects_of_image) >= 2, rec
     assert n_caps >= 90
+
+
+def test_caption_reader_and_algorithm_1_accept_the_world(world):
+    """The captions file is the `jsonl` caption-reader format, and Algorithm 1 pairs phrases of
+    different shapes into composites."""
+    parser = SpacyParser()
+    read = list(read_captions(world.captions["train"], "jsonl"))
+    assert [k for k, _ in read] == [r["image"] for r in _jsonl(world.captions["train"])]
+    for key, captions in read:
+        phrases = [p for ps in parser.parse_many(captions) for p in ps]
+        pairs = pairs_for_image(phrases, seed=0, image_key=key)
+        shape_pairs = [(phrases[i], phrases[j]) for i, j in pairs
+                       if phrases[i].subject_lemma in SHAPES and phrases[j].subject_lemma in SHAPES]
+        assert shape_pairs, key
+        for a, b in shape_pairs:
+            assert a.subject_lemma != b.subject_lemma
+            assert composite_text(a.text, b.text) == f"{a.text} and {b.text}"
