@@ -145,6 +145,12 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
     def text_generation_loss(
         self, rows: TextRows, image_embeds: Tensor, *, momentum: "VisionLanguageBackbone | None" = None
     ) -> Tensor:
-        """The backbone's language-modelling loss on `rows` (ALBEF: MLM, BLIP: captioning LM).
-        A scalar; backbones without a language head return 0."""
+        """The backbone's language-modelling loss on `rows` (BLIP: captioning LM). A scalar;
+        backbones without a language head return 0.
+
+        A masked-LM backbone (ALBEF) instead exposes, on the model and on its momentum twin,
+        `mlm_logits(input_ids, attention_mask, image_embeds, image_index) -> [N, T, vocab]`
+        (a full multimodal pass + MLM head on already-masked ids), and `tokenizer` with
+        `mask_token_id`, `pad_token_id`, `cls_token_id`, `vocab_size`: `hist_vlm.losses` does
+        the masking and the momentum distillation, and dispatches on `hasattr(model, "mlm_logits")`."""
         return image_embeds.new_zeros(())
