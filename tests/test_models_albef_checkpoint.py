@@ -1,4 +1,5 @@
 """ALBEF checkpoints: official layouts in, our safetensors in and out, the load report."""
+import argparse
 import json
 
 import pytest
@@ -109,6 +110,13 @@ def test_config_mismatch_is_an_error(model):
         load_albef_checkpoint(fresh(), {"epoch": 1}, verbose=False)
     with pytest.raises(FileNotFoundError, match="no ALBEF checkpoint"):
         load_albef_model("/nonexistent/ALBEF.pth")
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_albef_model(path)
 
 
 def test_pos_embed_interpolation():

@@ -9,6 +9,7 @@ dropped or left missing is named in a `LoadReport`.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import sys
 from collections import defaultdict
@@ -75,7 +76,12 @@ def read_albef_state_dict(path_or_state: str | Path | dict) -> tuple[dict[str, T
         path = Path(path_or_state)
         if not path.is_file():
             raise FileNotFoundError(f"no ALBEF checkpoint at {path}")
-        obj, source = torch.load(path, map_location="cpu", weights_only=True), str(path)
+        source = str(path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            reason = str(err).strip().splitlines()[0]
+            raise ValueError(f"{source} cannot be read safely (torch.load weights_only=True): {reason}") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no state dict (expected {{'model': state_dict}} or a bare state dict)")
