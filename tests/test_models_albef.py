@@ -195,3 +195,12 @@ def test_protocol_rows_through_fuse_rows(model):
         a = model.fuse_rows(rows, image)
         b = model.fuse(model.encode_text(ids, mask), mask, image, rows.image_index)
     assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+
+
+def test_unpaired_rows_need_an_index(model):
+    ids, mask = model.tokenize(CAPTIONS[:3])
+    image = model.encode_image(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="pass image_index"):
+        model.fuse(model.encode_text(ids, mask), mask, image)
+    with pytest.raises(ValueError, match="pass image_index"):
+        model.mlm_logits(ids, mask, image)

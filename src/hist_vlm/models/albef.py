@@ -232,7 +232,6 @@ class AlbefBert(nn.Module):
 
     def __init__(self, bert: BertConfig, vision_width: int, fusion_layer: int):
         super().__init__()
-        self.fusion_layer = fusion_layer
         self.embeddings = BertEmbeddings(bert)
         self.encoder = AlbefEncoder(bert, vision_width, fusion_layer)
 
@@ -320,8 +319,9 @@ class _Towers(NamedTuple):
     text_proj: nn.Linear
 
 
-def _rows(image_index: Tensor | None, n: int, device: torch.device) -> Tensor:
-    return torch.arange(n, device=device) if image_index is None else image_index
+def _check_pairing(image_index: Tensor | None, n_rows: int, image_embeds: Tensor) -> None:
+    if image_index is None and n_rows != image_embeds.shape[0]:
+        raise ValueError(f"{n_rows} text rows and {image_embeds.shape[0]} images: pass image_index to pair them")
 
 
 class _AlbefProtocol(VisionLanguageBackbone):
@@ -379,16 +379,16 @@ class _AlbefProtocol(VisionLanguageBackbone):
     ) -> FusionOutput:
         """See the protocol. `image_index=None` pairs row i with image i. The captured
         probabilities are `[N, heads, T, 1+P]`; index 2 with fusion_layer 6 is ALBEF's block 8."""
-        index = _rows(image_index, text_embeds.shape[0], text_embeds.device)
-        return self._towers().text.fusion(text_embeds, attention_mask, image_embeds, index, capture_layer)
+        _check_pairing(image_index, text_embeds.shape[0], image_embeds)
+        return self._towers().text.fusion(text_embeds, attention_mask, image_embeds, image_index, capture_layer)
 
     def mlm_logits(
         self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_index: Tensor | None = None
     ) -> Tensor:
         """Full multimodal pass + MLM head: input_ids [N, T] (already masked by the caller),
         image_embeds [B, 1+P, Dv] gathered by image_index [N] -> logits [N, T, vocab]."""
-        index = _rows(image_index, input_ids.shape[0], input_ids.device)
-        return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, index)
+        _check_pairing(image_index, input_ids.shape[0], image_embeds)
+        return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, image_index)
 
 
 class AlbefModel(_AlbefProtocol):
