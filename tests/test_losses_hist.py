@@ -125,3 +125,25 @@ def test_off_schedule_is_the_baseline_and_skips_hist_terms():
     assert out["hist_weight"] == 0 and out["add"] == 0 and out["phrase_itc"] == 0
     torch.testing.assert_close(out["loss"], out["itc"] + out["itm"] + out["mlm"])
     assert calls == [None]  # one fusion pass: the captions' ITM; no GradCAM capture
+
+
+@pytest.mark.parametrize("name", ["blip", "albef"])
+def test_one_fusion_pass_for_all_itm_terms_equals_separate_passes(name):
+    from hist_vlm.losses.itm import itm_block, itm_losses
+
+    model = (tiny_blip if name == "blip" else tiny_albef)(dtype=torch.float64).eval()
+    batch = hist_batch(model)
+    img = model.encode_image(batch.pixel_values)
+    img_feat = model.image_features(img)
+    blocks = []
+    for rows in (batch.captions, batch.subjects):  # different padded lengths
+        emb = model.encode_text(rows.input_ids, rows.attention_mask)
+        blocks.append(itm_block(
+            img, rows, text_embeds=emb, text_feat=model.text_features(emb), image_feat=img_feat,
+            image_ids=batch.image_ids, keys=text_keys(rows.input_ids, rows.attention_mask),
+            temp=torch.tensor(0.07), u_text=torch.rand(4), u_image=torch.rand(4),
+        ))
+    assert blocks[0].rows.input_ids.shape[1] != blocks[1].rows.input_ids.shape[1]
+    merged = itm_losses(model, img, blocks)
+    separate = [itm_losses(model, img, [blk])[0] for blk in blocks]
+    torch.testing.assert_close(torch.stack(merged), torch.stack(separate))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from hist_vlm.losses.distributed import gather_no_grad, global_mean, local_shard, world
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
-from hist_vlm.losses.itm import itm_loss
+from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
 from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import HistBatch, TextRows, VisionLanguageBackbone
@@ -149,10 +149,10 @@ class HistLoss(nn.Module):
         )
         return itc_loss(side, temp, queue=self.queue, alpha=alpha)
 
-    def _itm(self, model, image_embeds, image_feat, texts: _Encoded, image_ids, temp) -> Tensor:
+    def _itm_block(self, image_embeds, image_feat, texts: _Encoded, image_ids, temp) -> ItmBlock:
         dev = image_embeds.device
-        return itm_loss(
-            model, image_embeds, texts.rows,
+        return itm_block(
+            image_embeds, texts.rows,
             text_embeds=texts.embeds, text_feat=texts.feat, image_feat=image_feat, image_ids=image_ids,
             keys=texts.keys, temp=temp,
             u_text=self._uniform(len(texts.rows), device=dev),
@@ -160,23 +160,35 @@ class HistLoss(nn.Module):
             hard=self.config.itm_hard_negatives, group_size=self.config.itm_group_size,
         )
 
-    def _language(self, model, twin, rows: TextRows, image_embeds, image_embeds_m, alpha) -> Tensor:
-        """MLM with distillation when the backbone exposes `mlm_logits` (ALBEF), else its own
-        `text_generation_loss` (BLIP: captioning LM; 0 without a decoder)."""
+    def _language(self, model, twin, kinds: list[TextRows], image_embeds, image_embeds_m, alpha) -> list[Tensor]:
+        """One term per kind. MLM with distillation when the backbone exposes `mlm_logits`
+        (ALBEF; all kinds in one pass), else its own `text_generation_loss` (BLIP: captioning
+        LM; 0 without a decoder)."""
         if not hasattr(model, "mlm_logits"):
-            return model.text_generation_loss(rows, image_embeds)
+            return [model.text_generation_loss(rows, image_embeds) for rows in kinds]
         tok = model.tokenizer
-        u = self._uniform(len(rows), 3, rows.input_ids.shape[1], device=image_embeds.device).transpose(0, 1)
-        ids, labels = mask_tokens(
-            rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
-            never_mask=(tok.pad_token_id, tok.cls_token_id), probability=self.config.mlm_probability,
-        )
+        masked, labels = [], []
+        for rows in kinds:
+            u = self._uniform(len(rows), 3, rows.input_ids.shape[1], device=image_embeds.device).transpose(0, 1)
+            ids, lab = mask_tokens(
+                rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
+                never_mask=(tok.pad_token_id, tok.cls_token_id), probability=self.config.mlm_probability,
+            )
+            masked.append(TextRows(ids, rows.attention_mask, rows.image_index))
+            labels.append(lab)
+        allm = cat_rows(*masked, pad_id=tok.pad_token_id)
+        logits = model.mlm_logits(allm.input_ids, allm.attention_mask, image_embeds, allm.image_index)  # [M, T, V]
         logits_m = None
         if twin is not None and alpha > 0:
             with torch.no_grad():
-                logits_m = twin.mlm_logits(ids, rows.attention_mask, image_embeds_m, rows.image_index)
-        logits = model.mlm_logits(ids, rows.attention_mask, image_embeds, rows.image_index)  # [N, T, V]
-        return mlm_loss(logits, labels, logits_m, alpha)
+                logits_m = twin.mlm_logits(allm.input_ids, allm.attention_mask, image_embeds_m, allm.image_index)
+        sizes = [len(r) for r in kinds]
+        out = []
+        for i, (lab, lg) in enumerate(zip(labels, logits.split(sizes))):
+            t = lab.shape[1]
+            lg_m = None if logits_m is None else logits_m.split(sizes)[i][:, :t]
+            out.append(mlm_loss(lg[:, :t], lab, lg_m, alpha))
+        return out
 
     def _addition(self, model, image_embeds, batch: HistBatch) -> Tensor:
         n = len(batch.pair_first)
@@ -210,22 +222,20 @@ class HistLoss(nn.Module):
         kinds = [batch.captions] + ([batch.phrases, batch.subjects] if w > 0 else [])
         encoded = self._encode_all(model, twin, kinds)
         caps = encoded[0]
-        out: dict[str, Tensor] = {
-            "itc": self._itc(img, caps, batch.image_ids, temp, alpha),
-            "itm": self._itm(model, image_embeds, img[0], caps, batch.image_ids, temp),
-            "mlm": self._language(model, twin, caps.rows, image_embeds, image_embeds_m, alpha),
-        }
-        total = out["itc"] + out["itm"] + out["mlm"]
+        ids = batch.image_ids
         zero = image_embeds.new_zeros(())
-        for key in ("phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add"):
-            out[key] = zero
+        out: dict[str, Tensor] = {"itc": self._itc(img, caps, ids, temp, alpha)}
         if w > 0:
             phr, sub = encoded[1], encoded[2]
-            out["phrase_itc"] = self._itc(img, phr, batch.image_ids, temp, alpha)
-            out["phrase_itm"] = self._itm(model, image_embeds, img[0], phr, batch.image_ids, temp)
-            out["phrase_mlm"] = self._language(model, twin, phr.rows, image_embeds, image_embeds_m, alpha)
-            out["subject_itc"] = self._itc(img, sub, batch.image_ids, temp, alpha)
-            out["subject_itm"] = self._itm(model, image_embeds, img[0], sub, batch.image_ids, temp)
+            out["phrase_itc"] = self._itc(img, phr, ids, temp, alpha)
+            out["subject_itc"] = self._itc(img, sub, ids, temp, alpha)
+        # one fusion pass for every ITM term, one MLM pass for every MLM term
+        itm = itm_losses(model, image_embeds, [self._itm_block(image_embeds, img[0], e, ids, temp) for e in encoded])
+        lm = self._language(model, twin, [e.rows for e in encoded[:2]], image_embeds, image_embeds_m, alpha)
+        out["itm"], out["mlm"] = itm[0], lm[0]
+        total = out["itc"] + out["itm"] + out["mlm"]
+        if w > 0:
+            out["phrase_itm"], out["subject_itm"], out["phrase_mlm"] = itm[1], itm[2], lm[1]
             out["add"] = self._addition(model, image_embeds, batch)
             hist = (
                 cfg.lambda_phrase * (out["phrase_itc"] + out["phrase_itm"] + out["phrase_mlm"])
@@ -233,6 +243,8 @@ class HistLoss(nn.Module):
                 + cfg.lambda_add * out["add"]
             )
             total = total + w * hist
+        for key in ("phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add"):
+            out.setdefault(key, zero)
         if self.queue is not None:  # after every ITC term of this step has read the queue
             row_ids = batch.image_ids[caps.rows.image_index]
             self.queue.enqueue(gather_no_grad(img[1][caps.rows.image_index]), gather_no_grad(caps.feat_m),

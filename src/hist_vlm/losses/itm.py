@@ -9,6 +9,8 @@ the number of processes (the draws come from a shared-seed generator, see HistLo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,8 +47,16 @@ def hard_negatives(
         return sample_rows(w_t2i, u_text), sample_rows(w_i2t, u_image)
 
 
-def itm_loss(
-    model: VisionLanguageBackbone,
+@dataclass
+class ItmBlock:
+    """The fusion rows of one ITM term: N positives, N (text, negative image), B (negative text, image)."""
+
+    rows: TextRows
+    embeds: Tensor   # [2N+B, T, D] unimodal text embeddings (reused by ALBEF, ignored by BLIP)
+    labels: Tensor   # [2N+B] 1 = match
+
+
+def itm_block(
     image_embeds: Tensor,
     rows: TextRows,
     *,
@@ -60,11 +70,11 @@ def itm_loss(
     u_image: Tensor,
     hard: bool = True,
     group_size: int | None = None,
-) -> Tensor:
-    """Cross-entropy over N positives + N (text, negative image) + B (negative text, image) rows,
-    fused in ONE pass. `group_size`: draw negatives only among images (and their texts) of the
-    same consecutive group of that many images; None = the whole local batch (ALBEF). Setting it
-    to the per-rank batch makes one process reproduce a multi-process step exactly."""
+) -> ItmBlock:
+    """Draw the negatives of `rows` and lay out their fusion rows. `group_size`: draw negatives
+    only among images (and their texts) of the same consecutive group of that many images;
+    None = the whole local batch (ALBEF). Setting it to the per-rank batch makes one process
+    reproduce a multi-process step exactly."""
     b = image_embeds.shape[0]
     arange_b = torch.arange(b, device=image_embeds.device)
     row_ids = image_ids[rows.image_index]
@@ -78,8 +88,20 @@ def itm_loss(
         TextRows(rows.input_ids, rows.attention_mask, neg_img),
         TextRows(rows.input_ids[neg_txt], rows.attention_mask[neg_txt], arange_b),
     )
-    all_embeds = torch.cat([text_embeds, text_embeds, text_embeds[neg_txt]])  # [2N+B, T, D]
-    logits = model.itm_logits(model.fuse_rows(all_rows, image_embeds, text_embeds=all_embeds))  # [2N+B, 2]
+    embeds = torch.cat([text_embeds, text_embeds, text_embeds[neg_txt]])  # [2N+B, T, D]
     n = len(rows)
-    labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n + b, dtype=torch.long)]).to(logits.device)
-    return global_mean(F.cross_entropy(fp32_or_wider(logits), labels, reduction="none"))
+    labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n + b, dtype=torch.long)])
+    return ItmBlock(all_rows, embeds, labels.to(image_embeds.device))
+
+
+def itm_losses(model: VisionLanguageBackbone, image_embeds: Tensor, blocks: list[ItmBlock]) -> list[Tensor]:
+    """Every block (captions, phrases, subjects) fused in ONE pass; one cross-entropy per block."""
+    t = max(blk.rows.input_ids.shape[1] for blk in blocks)
+    rows = cat_rows(*(blk.rows for blk in blocks))
+    embeds = torch.cat([F.pad(blk.embeds, (0, 0, 0, t - blk.embeds.shape[1])) for blk in blocks])  # [M, t, D]
+    logits = model.itm_logits(model.fuse_rows(rows, image_embeds, text_embeds=embeds))  # [M, 2]
+    parts = logits.split([len(blk.rows) for blk in blocks])
+    return [
+        global_mean(F.cross_entropy(fp32_or_wider(part), blk.labels, reduction="none"))
+        for part, blk in zip(parts, blocks)
+    ]

@@ -37,6 +37,10 @@ from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone
 
 #: BLIP's training text length (blip_retrieval / blip_pretrain)
 DEFAULT_MAX_LENGTH = 35
+#: the paper's BLIP evaluation map: mean of L8H10 and L9H10 (1-based) =
+#: gradcam_maps(..., layers=PAPER_EVAL_LAYERS, head=PAPER_EVAL_HEAD, combine="mean")
+PAPER_EVAL_LAYERS = (7, 8)
+PAPER_EVAL_HEAD = 9
 
 
 def bert_vocab_path() -> Path:
