@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 from functools import lru_cache
+from collections import deque
+from itertools import islice
 from typing import Iterable, Iterator
 
 from hist_vlm.text.types import Phrase
@@ -288,12 +290,17 @@ class _Rules:
 
 
 class SpacyParser:
+    """Caption -> groundable noun phrases. `workers` > 1 parses batches in that many
+    processes, which send back phrases only (a spaCy Doc costs as much to serialise as a
+    third of parsing it, so `nlp.pipe(n_process=...)` gains little on few cores)."""
+
     name = "spacy"
     version = "3"
 
     def __init__(self, model: str | None = None, workers: int = 1):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        self.model = model
         self.nlp, ruler, self.lemmatizer = load_spacy_model(model)
         self.pos_table = _PosTable(ruler)
         index = self.lemmatizer.lookups.get_table("lemma_index")
@@ -304,8 +311,24 @@ class SpacyParser:
         return next(self.parse_many([caption]))
 
     def parse_many(self, captions: Iterable[str], batch_size: int = 256) -> Iterator[list[Phrase]]:
-        for doc in self.nlp.pipe(captions, batch_size=batch_size, n_process=self.workers):
-            yield self.phrases(doc)
+        if self.workers == 1:
+            for doc in self.nlp.pipe(captions, batch_size=batch_size):
+                yield self.phrases(doc)
+            return
+        import multiprocessing
+
+        # spawn: a fresh interpreter per worker, safe even when the caller holds torch/CUDA
+        ctx = multiprocessing.get_context("spawn")
+        it = iter(captions)
+        batches = iter(lambda: list(islice(it, batch_size)), [])
+        with ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.model,)) as pool:
+            pending: deque = deque()  # at most 2 batches per worker in flight: bounded memory
+            for batch in batches:
+                pending.append(pool.apply_async(_parse_batch, (batch,)))
+                if len(pending) > 2 * self.workers:
+                    yield from pending.popleft().get()
+            while pending:
+                yield from pending.popleft().get()
 
     def phrases(self, doc) -> list[Phrase]:
         """Phrases of a doc parsed by self.nlp (tagger + parser), in caption order."""
@@ -326,3 +349,15 @@ class SpacyParser:
         if "MORPH" in attrs:
             token.set_morph(attrs["MORPH"])
         return self.lemmatizer.rule_lemmatize(token)[0].lower()
+
+
+_worker_parser: SpacyParser | None = None
+
+
+def _init_worker(model: str | None) -> None:
+    global _worker_parser
+    _worker_parser = SpacyParser(model)
+
+
+def _parse_batch(captions: list[str]) -> list[list[Phrase]]:
+    return list(_worker_parser.parse_many(captions, batch_size=len(captions)))
