@@ -7,8 +7,8 @@ be a phrase ("a man in red"), personal pronouns are dropped.
 from __future__ import annotations
 
 import sys
-from functools import lru_cache
 from collections import deque
+from functools import lru_cache
 from itertools import islice
 from typing import Iterable, Iterator
 
@@ -107,8 +107,6 @@ NOMINAL_QUANTIFIERS = {"some", "all", "each", "many", "several", "few"}
 # "[one] holds a cup", "wearing [black]").
 ELLIPTIC_DEPS = {"nsubj", "nsubjpass", "dobj", "pobj", "appos", "pcomp", "attr"}
 RECIPROCALS = {("each", "other"), ("one", "another")}
-# Left dependents that belong inside a noun phrase; a subject or a clause to the left of a
-# misparsed head ("A woman is sewing [linens]") does not.
 # The nouns of English complex prepositions ("in front of", "on top of", "in place of").
 COMPLEX_PREPOSITION_NOUNS = {"front", "top", "back", "place", "spite", "behalf", "lieu", "charge",
                              "search", "case", "account", "favor", "favour"}
@@ -119,6 +117,8 @@ OBJECT_ING_NOUNS = {"building", "clothing", "setting", "painting", "drawing", "c
                     "siding", "scaffolding", "bedding", "opening", "crossing", "landing", "carving",
                     "frosting", "icing", "filling", "lining", "covering", "housing", "dressing",
                     "seating", "offering", "gathering", "wedding", "stuffing", "piping", "awning"}
+# Left dependents that belong inside a noun phrase; a subject or a clause to the left of a
+# misparsed head ("A woman is sewing [linens]") does not.
 NP_LEFT_DEPS = {"det", "predet", "amod", "compound", "nummod", "poss", "nmod", "quantmod", "npadvmod",
                 "advmod", "neg", "punct", "cc", "conj", "preconj", "case", "nn"}
 
@@ -219,6 +219,7 @@ class _Rules:
         return any(c in self.verbs for c in candidates)
 
     def spans(self) -> list[tuple[int, int, int]]:
+        """(start, end, subject) token indices of the phrases, in caption order."""
         heads = [t for t in self.doc if self.is_head(t)]
         merged: set[int] = set()
         end: dict[int, int] = {}
@@ -291,8 +292,8 @@ class _Rules:
 
 class SpacyParser:
     """Caption -> groundable noun phrases. `workers` > 1 parses batches in that many
-    processes, which send back phrases only (a spaCy Doc costs as much to serialise as a
-    third of parsing it, so `nlp.pipe(n_process=...)` gains little on few cores)."""
+    processes, which send back phrases only: `nlp.pipe(n_process=...)` sends back Docs, and
+    serialising a Doc there and back costs about two thirds of parsing it."""
 
     name = "spacy"
     version = "3"
