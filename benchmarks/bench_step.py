@@ -127,9 +127,7 @@ def main() -> None:
     n = args.batch or size.batch
     torch.manual_seed(0)
     model = build_model(args.size, args.backbone).to(device).train()
-    g = model.patch_grid[0]
     image_size = 256 if args.size == "base" else 32
-    assert g * (image_size // g) == image_size
     batch = synthetic_batch(model, n, image_size, device)
     layer = min(size.capture_layer if args.backbone == "albef" else 8, model.num_cross_attention_layers - 1)
     results = {}
