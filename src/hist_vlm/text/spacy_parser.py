@@ -117,6 +117,8 @@ OBJECT_ING_NOUNS = {"building", "clothing", "setting", "painting", "drawing", "c
                     "siding", "scaffolding", "bedding", "opening", "crossing", "landing", "carving",
                     "frosting", "icing", "filling", "lining", "covering", "housing", "dressing",
                     "seating", "offering", "gathering", "wedding", "stuffing", "piping", "awning"}
+# Dependents that only a noun takes: found on a neighbour, they were meant for the noun.
+STRAY_DEPS = {"det", "predet", "poss", "nummod", "amod", "compound"}
 # Left dependents that belong inside a noun phrase; a subject or a clause to the left of a
 # misparsed head ("A woman is sewing [linens]") does not.
 NP_LEFT_DEPS = {"det", "predet", "amod", "compound", "nummod", "poss", "nmod", "quantmod", "npadvmod",
@@ -142,8 +144,8 @@ class _Rules:
             return t.lower_ in GROUNDABLE_PRONOUNS
         if self.is_reciprocal(t):
             return False
-        if t.dep_ == "conj":  # "one in red, [one] in blue"
-            return self.pos[t.head.i] == pos and self.is_head(t.head)
+        if t.dep_ == "conj":  # "one in red, [one] in blue", "one ... and [the other]"
+            return self.pos[t.head.i] not in NOUNS and self.is_head(t.head)
         if t.dep_ not in ELLIPTIC_DEPS:
             return False
         return pos in ("ADJ", "NUM") or (pos == "DET" and t.lower_ in NOMINAL_QUANTIFIERS)
@@ -241,7 +243,7 @@ class _Rules:
                 continue
             if t.i in merged or self.in_compound_preposition(t) or self.is_partitive_pronoun(t):
                 continue
-            s, e = self.left_bound(t), end[t.i]
+            s, e = self.stray_bound(t, self.left_bound(t)), end[t.i]
             if e == t.i + 1 and self.misread_verb(t):
                 merged.add(t.i)  # a verb: heads nothing
                 t, e = self.doc[t.i - 1], t.i
@@ -251,15 +253,24 @@ class _Rules:
         covered = {i for s, e, _ in out for i in range(s, e)} | merged
         for t in reversed(self.doc):
             if self.pos[t.i] in NOUNS and t.i not in covered and not self.in_compound_preposition(t):
-                s = self.left_bound(t)
-                while s > 0 and self.doc[s - 1].head == t.head and self.doc[s - 1].dep_ in NP_LEFT_DEPS:
-                    s = self.doc[s - 1].left_edge.i  # "[a] greyhound walks": det of the verb
+                s = self.stray_bound(t, self.left_bound(t))
                 covered.update(range(s, t.i + 1))
                 out.append((s, t.i + 1, t.i))
         out.sort()
         # a noun inside a modifier ("[snow] covered mountains", "red and [cream] buildings")
         # lies inside the span of the phrase it modifies
-        return [a for a in out if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in out)]
+        out = [a for a in out if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in out)]
+        return self.join_split_words(out)
+
+    def join_split_words(self, spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Phrases that the tokenizer's hyphen split cut inside one word ("the mid" + "-" +
+        "ground") are one phrase; its subject is the last one's."""
+        out: list[tuple[int, int, int]] = []
+        for s, e, h in spans:
+            if out and out[-1][1] == s and not self.doc[s - 1].whitespace_:
+                s = out.pop()[0]
+            out.append((s, e, h))
+        return out
 
     def left_bound(self, t) -> int:
         """First token of t's phrase: the contiguous run of noun-phrase-internal dependents
@@ -276,6 +287,13 @@ class _Rules:
             s = c.left_edge.i
         while s < t.i and self.doc[s].dep_ in ("cc", "punct"):
             s += 1
+        return s
+
+    def stray_bound(self, t, s: int) -> int:
+        """Extend a phrase start s over determiners and modifiers the parser hung on t's own
+        head instead: "[a] greyhound walks" (det of the verb), "[a] hat and pink shirt"."""
+        while s > 0 and self.doc[s - 1].head == t.head and self.doc[s - 1].dep_ in STRAY_DEPS:
+            s = self.doc[s - 1].left_edge.i
         return s
 
     @staticmethod
@@ -296,7 +314,7 @@ class SpacyParser:
     serialising a Doc there and back costs about two thirds of parsing it."""
 
     name = "spacy"
-    version = "3"
+    version = "4"
 
     def __init__(self, model: str | None = None, workers: int = 1):
         if workers < 1:
