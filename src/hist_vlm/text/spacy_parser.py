@@ -301,11 +301,12 @@ class _Rules:
         return t.dep_ == "cc" or t.text == ","
 
     def subject(self, s: int, e: int, head) -> int:
-        """The last noun of the phrase ("people" in "a group of people"), else its head."""
+        """The last noun of the phrase ("people" in "a group of people"), else its last word
+        ("white" in "red and white")."""
         for i in range(e - 1, s - 1, -1):
             if self.pos[i] in NOUNS:
                 return i
-        return head.i
+        return next((i for i in range(e - 1, s - 1, -1) if self.pos[i] != "PUNCT"), head.i)
 
 
 class SpacyParser:
@@ -314,7 +315,7 @@ class SpacyParser:
     serialising a Doc there and back costs about two thirds of parsing it."""
 
     name = "spacy"
-    version = "4"
+    version = "5"
 
     def __init__(self, model: str | None = None, workers: int = 1):
         if workers < 1:
