@@ -192,8 +192,8 @@ class HistLoss(nn.Module):
 
     def _addition(self, model, image_embeds, batch: HistBatch) -> Tensor:
         n = len(batch.pair_first)
-        if n == 0:
-            return image_embeds.new_zeros(())
+        if n == 0:  # still join global_mean's all-reduce: other ranks may have pairs
+            return global_mean(image_embeds.new_zeros(0))
         rows = cat_rows(batch.pair_first, batch.pair_second, batch.composites)
         maps = gradcam_maps(
             model, image_embeds, rows, layers=self.capture_layers, head=self.config.capture_head,
