@@ -89,3 +89,13 @@ def shard_batch(batch: HistBatch, rank: int, world: int) -> HistBatch:
 
 def build(name: str, dtype=torch.float32):
     return tiny_blip(decoder=False, dtype=dtype) if name == "blip" else tiny_albef(dtype=dtype)
+
+
+def pairs_only_on(batch: HistBatch, images: list[int]) -> HistBatch:
+    """Keep the (C_i, C_j, C_ij) rows of these images only (other images have no partner)."""
+    def keep(r: TextRows) -> TextRows:
+        sel = torch.isin(r.image_index, torch.tensor(images))
+        return TextRows(r.input_ids[sel], r.attention_mask[sel], r.image_index[sel])
+
+    return HistBatch(batch.pixel_values, batch.image_ids, batch.captions, batch.phrases, batch.subjects,
+                     keep(batch.pair_first), keep(batch.pair_second), keep(batch.composites))

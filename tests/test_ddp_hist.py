@@ -6,7 +6,8 @@ MLM masks) is drawn by HistLoss from a generator seeded the same on all ranks, f
 GLOBAL batch, each rank using its slice; texts are padded to one fixed length so the draws
 line up; losses are normalised with all-reduced counts (`global_mean`). ITM negatives come
 from each rank's local images (ALBEF's recipe); the one-process reference draws them within
-groups of 2 images (`itm_group_size=2`), i.e. from the same pools.
+groups of 2 images (`itm_group_size=2`), i.e. from the same pools. Only rank 0 has pair rows
+(the addition loss): a rank without pairs must still take part in the count all-reduce.
 """
 import socket
 
