@@ -52,6 +52,8 @@ def test_head_and_layer_combinations():
     torch.testing.assert_close(gradcam_maps(model, img, rows, layers=(2,)), heads.mean(0))
     with pytest.raises(ValueError, match="recipe"):
         gradcam_maps(model, img, rows, layers=(2,), recipe="padded")
+    with pytest.raises(ValueError, match="head 4 out of range"):
+        gradcam_maps(model, img, rows, layers=(2,), head=4)
 
 
 @pytest.mark.parametrize("name", BACKBONES)

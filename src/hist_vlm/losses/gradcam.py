@@ -80,6 +80,8 @@ def gradcam_maps(
             attns.append(fused.cross_attention)  # [N, heads, T, 1+P]
             match = match + model.itm_logits(fused)[:, 1].sum()
         grads = torch.autograd.grad(match, attns, create_graph=create_graph)
+    if head is not None and not 0 <= head < attns[0].shape[1]:
+        raise ValueError(f"head {head} out of range: the cross-attention has {attns[0].shape[1]} heads")
     per_layer = []
     for attn, grad in zip(attns, grads):
         cam = (attn * grad).clamp(min=0)[..., 1:]  # [N, heads, T, P], image-CLS column dropped
