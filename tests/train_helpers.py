@@ -37,3 +37,24 @@ def write_world(root: Path, n_images: int = 8, size: int = 40, side_words: bool 
     path = root / "phrases.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path, images
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def tiny_overrides(phrases: Path, images: Path, run_dir: Path, *extra: str) -> list[str]:
+    """demo_tiny.yaml shrunk to a few-second run on hand-written data: image 32 px, width 32,
+    no dropout (so one process and many give the same numbers), one log line per step."""
+    return [
+        "data.synthetic.enabled=false", f"data.phrases={phrases}", f"data.image_root={images}",
+        "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
+        "model.params.image_size=32", "model.params.vision_width=32", "model.params.text_width=32",
+        "model.params.text_intermediate_size=64", "model.params.embed_dim=16",
+        "model.params.hidden_dropout=0.0", "model.params.attention_dropout=0.0",
+        "loss.queue_size=32", "schedule.epochs=2", "schedule.warmup_steps=2",
+        "run.log_every=1", "run.save_every=1000", f"run.dir={run_dir}", *extra,
+    ]
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

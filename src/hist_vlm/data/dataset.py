@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
@@ -167,11 +168,14 @@ class HistDataset(Dataset):
 class HistCollate:
     """Samples -> (HistBatch, paths of the unreadable images the samples replaced).
     Text rows point at their image through `image_index`; pair rows exist only for the
-    images that have a pair."""
+    images that have a pair. Rows are padded to the longest text of their kind, or with
+    `pad_to_max_length` to `max_length` (pad id 0): equal shapes on every rank, so draws made
+    per token position (MLM masks) line up between one process and many."""
 
-    def __init__(self, tokenize: Tokenize, max_length: int) -> None:
+    def __init__(self, tokenize: Tokenize, max_length: int, pad_to_max_length: bool = False) -> None:
         self.tokenize = tokenize
         self.max_length = max_length
+        self.pad_to_max_length = pad_to_max_length
 
     def __call__(self, samples: list[Sample]) -> tuple[HistBatch, list[str]]:
         every = torch.arange(len(samples))
@@ -191,9 +195,12 @@ class HistCollate:
 
     def _rows(self, texts: list[str], image_index: Tensor) -> TextRows:
         if not texts:
-            empty = torch.zeros(0, 1, dtype=torch.long)
+            empty = torch.zeros(0, self.max_length if self.pad_to_max_length else 1, dtype=torch.long)
             return TextRows(empty, empty.clone(), image_index)
-        ids, mask = self.tokenize(texts, self.max_length)
+        ids, mask = self.tokenize(texts, self.max_length)  # [N, T]
+        if self.pad_to_max_length:
+            extra = self.max_length - ids.shape[1]
+            ids, mask = F.pad(ids, (0, extra)), F.pad(mask, (0, extra))
         return TextRows(ids, mask, image_index)
 
 

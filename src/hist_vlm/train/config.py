@@ -52,6 +52,7 @@ class DataConfig:
     image_size: int = 256         # network input (square)
     batch_size: int = 56          # images per process per micro-batch
     max_length: int = 25          # token limit of every text row (ALBEF trains with 25)
+    pad_to_max_length: bool = False   # pad rows to max_length, not to the longest: fixed shapes
     num_workers: int = 4
     crop_scale: tuple[float, float] = (0.5, 1.0)   # RandomResizedCrop area range
     hflip: bool = True            # only where no text of the sample says "left"/"right"

@@ -1,0 +1,299 @@
+"""The training loop: one process, or many launched by `torchrun` / `accelerate launch`.
+
+Many processes follow `hist_vlm.losses.distributed`: the model is never wrapped in DDP's
+reducer (it would silently skip the all-reduce of the GradCAM double-backward); parameters are
+broadcast from rank 0 once, and gradients are all-reduced explicitly after backward.
+
+Exactness: the data depend on (seed, epoch, index) only (`hist_vlm.data.dataset`), and the
+torch RNG is re-seeded from (seed, step, micro-step) before every forward, the same on every
+rank, so the losses' shared-seed draws (MLM masks, hard negatives) cover the global batch
+identically whatever the process count, and a resumed run repeats exactly what an
+uninterrupted one would have drawn. (Dropout masks are then equal across ranks for equal row
+positions; they still differ from step to step.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hist_vlm.data.dataset import GlobalBatchSampler, HistCollate, HistDataset, read_parse_output
+from hist_vlm.losses.distributed import allreduce_gradients, broadcast_parameters
+from hist_vlm.losses.hist import HistLoss
+from hist_vlm.train.checkpoint import (
+    Position,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from hist_vlm.train.config import ConfigError, TrainConfig
+from hist_vlm.train.data import prepare_data
+from hist_vlm.train.model import build_model
+from hist_vlm.train.optim import build_optimizer, build_scheduler, trainable_parameters
+
+
+@dataclass
+class Environment:
+    """This process's place in the job, read from the launcher's RANK/WORLD_SIZE/LOCAL_RANK."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_environment(device: str) -> Environment:
+    """Init torch.distributed (nccl on GPU, gloo on CPU) when launched with WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no GPU is visible")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    owns = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        owns = True
+    return Environment(rank, world_size, local_rank, dev, owns)
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """The torch seed of one forward: a function of (seed, optimizer step, micro-step) only."""
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    global_step: int
+    last_log: dict[str, float] = field(default_factory=dict)
+    skipped_images: int = 0
+    checkpoint: Path | None = None
+
+
+class _Log:
+    """Loss terms averaged over the micro-steps since the last line and over all ranks;
+    printed, appended to RUN/log.jsonl, and sent to TensorBoard when asked."""
+
+    def __init__(self, run_dir: Path, env: Environment, tensorboard: bool) -> None:
+        self.env = env
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.path = run_dir / "log.jsonl"
+        self.writer = None
+        if tensorboard and env.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("run.tensorboard=true needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            v = torch.as_tensor(v).detach().float().to(self.env.device)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def flush(self, step: int, epoch: float, lr: float, bar: tqdm) -> dict[str, float]:
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]) / self.count  # one host sync per line
+        if self.env.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.env.world_size
+        record = {"step": step, "epoch": round(epoch, 4), "lr": lr, **dict(zip(keys, values.tolist()))}
+        self.sums, self.count = {}, 0
+        if self.env.is_main:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            terms = " ".join(f"{k} {record[k]:.4f}" for k in keys)
+            bar.write(f"step {step} | epoch {epoch:.2f} | lr {lr:.2e} | {terms}")
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            if self.writer is not None:
+                for k in keys:
+                    self.writer.add_scalar(f"train/{k}", record[k], step)
+                self.writer.add_scalar("train/lr", lr, step)
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run (or continue, with `resume`) the training described by `config`."""
+    env = setup_environment(config.run.device)
+    try:
+        return _run(config, env, resume, progress)
+    finally:
+        if env.owns_process_group:
+            dist.destroy_process_group()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> TrainResult:
+    run_dir = Path(cfg.run.dir)
+    found = latest_checkpoint(run_dir)
+    if found is not None and not resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(cfg.run.seed)
+
+    phrases, image_root = prepare_data(cfg.data, run_dir, env.is_main, env.barrier)
+    records, dropped = read_parse_output(phrases)
+    model = build_model(cfg.model, cfg.data.image_size).to(env.device)
+    objective = HistLoss(cfg.loss, model).to(env.device)
+    broadcast_parameters(model)
+    broadcast_parameters(objective)
+    named = trainable_parameters(model, objective)
+    params = [p for _, p in named]
+
+    sampler = GlobalBatchSampler(
+        len(records), cfg.data.batch_size, world_size=env.world_size, rank=env.rank,
+        grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed,
+    )
+    dataset = HistDataset(
+        records, image_root, cfg.data.image_size, seed=cfg.run.seed,
+        crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+    )
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=HistCollate(model.tokenize, cfg.data.max_length, cfg.data.pad_to_max_length),
+        num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda",
+    )
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = cfg.schedule.epochs * steps_per_epoch
+    optimizer = build_optimizer(named, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.schedule, total_steps)
+
+    position = Position(seed=cfg.run.seed, global_batch=sampler.global_batch)
+    if resume and found is not None:
+        position, rng_states = load_checkpoint(
+            found, model=model, objective=objective, optimizer=optimizer, scheduler=scheduler
+        )
+        if position.global_batch != sampler.global_batch or position.seed != cfg.run.seed:
+            raise ConfigError(
+                f"{found} was trained with global batch {position.global_batch} and seed {position.seed}; "
+                f"this run has {sampler.global_batch} and {cfg.run.seed}: the data order would change"
+            )
+        # per-rank states when the world size is unchanged; else rank 0's (the loss's shared-seed
+        # generator is the same on every rank)
+        set_rng_state(rng_states[env.rank if len(rng_states) == env.world_size else 0], objective)
+    elif resume and env.is_main:
+        tqdm.write(f"nothing to resume in {run_dir}: starting from step 0")
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
+    if cfg.run.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"run.precision must be auto, bf16 or fp32, got {cfg.run.precision!r}")
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    log = _Log(run_dir, env, cfg.run.tensorboard)
+    stop_at = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
+    bar = tqdm(total=total_steps, initial=position.global_step, disable=not (progress and env.is_main),
+               desc="train", unit="step", dynamic_ncols=True)
+    result = TrainResult(run_dir, position.global_step)
+    skipped_before, skipped_here = position.skipped_images, []
+
+    def checkpoint() -> Path | None:
+        states = [None] * env.world_size
+        if env.world_size > 1:
+            dist.all_gather_object(states, rng_state(objective))
+        else:
+            states = [rng_state(objective)]
+        path = None
+        if env.is_main:
+            path = save_checkpoint(
+                run_dir, model=model, model_config={"backbone": cfg.model.name, "config": cfg.model.params}, objective=objective,
+                optimizer=optimizer, scheduler=scheduler, position=position, rng_states=states,
+                config=cfg.to_dict(), keep=cfg.run.keep_checkpoints,
+            )
+        env.barrier()
+        return path
+
+    model.train()
+    objective.train()
+    while position.global_step < stop_at:
+        sampler.set_position(position.epoch, position.step_in_epoch)
+        batches = iter(loader)
+        for _ in range(position.step_in_epoch, steps_per_epoch):
+            epochs_done = position.epoch + position.step_in_epoch / steps_per_epoch
+            for micro in range(cfg.optim.grad_accum):
+                batch, skipped = next(batches)
+                skipped_here += skipped
+                torch.manual_seed(step_seed(cfg.run.seed, position.global_step, micro))
+                with autocast():
+                    terms = objective(model, batch.to(env.device), epochs_done)
+                (terms["loss"] / cfg.optim.grad_accum).backward()
+                log.add(terms)
+            allreduce_gradients(params)
+            if cfg.optim.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            position.global_step += 1
+            position.step_in_epoch += 1
+            if position.step_in_epoch == steps_per_epoch:
+                position.epoch, position.step_in_epoch = position.epoch + 1, 0
+            bar.update(1)
+            done = position.global_step >= stop_at
+            if position.global_step % cfg.run.log_every == 0 or done:
+                result.last_log = log.flush(position.global_step, epochs_done, lr, bar)
+            if position.global_step % cfg.run.save_every == 0 or done:
+                position.skipped_images = skipped_before + _count(len(skipped_here), env)
+                result.checkpoint = checkpoint()
+            if done:
+                break
+    bar.close()
+    log.close()
+    result.global_step = position.global_step
+    result.skipped_images = skipped_before + _count(len(skipped_here), env)
+    if env.is_main and result.skipped_images:
+        example = f" (e.g. {skipped_here[0]})" if skipped_here else ""
+        tqdm.write(f"skipped {result.skipped_images} unreadable image loads{example}")
+    return result
+
+
+def _count(n: int, env: Environment) -> int:
+    """`n` summed over ranks."""
+    if env.world_size == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=env.device)
+    dist.all_reduce(t)
+    return int(t.item())
+

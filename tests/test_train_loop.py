@@ -1,0 +1,77 @@
+"""The training loop on the real tiny ALBEF + HistLoss: resume exactness, unreadable images,
+checkpoint contents."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hist_vlm.train.checkpoint import latest_checkpoint
+from hist_vlm.train.config import ConfigError, load_config
+from hist_vlm.train.loop import train
+from train_helpers import CONFIGS, read_log, tiny_overrides, write_world
+
+TERMS = ("loss", "itc", "itm", "mlm", "phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world"), n_images=16, size=40)
+
+
+def config(world, run_dir, *extra):
+    return load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(*world, run_dir, *extra))
+
+
+def test_stop_and_resume_repeats_the_uninterrupted_losses(world, tmp_path):
+    # 16 images / batch 4 = 4 steps per epoch: stop mid-epoch 0, resume across the epoch boundary
+    full = train(config(world, tmp_path / "full", "run.max_steps=6"), progress=False)
+    assert full.global_step == 6
+    first = train(config(world, tmp_path / "split", "run.max_steps=3"), progress=False)
+    assert first.global_step == 3 and first.checkpoint.name == "step-00000003"
+    with pytest.raises(ConfigError, match="--resume"):
+        train(config(world, tmp_path / "split", "run.max_steps=6"), progress=False)
+    resumed = train(config(world, tmp_path / "split", "run.max_steps=6"), resume=True, progress=False)
+    assert resumed.global_step == 6
+
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in TERMS + ("lr", "epoch")} == {k: rb[k] for k in TERMS + ("lr", "epoch")}
+    # the HIST terms were live (paper schedule, first epochs) and the steps differ from each other
+    assert all(r["add"] > 0 and r["phrase_itc"] > 0 for r in a)
+    assert len({r["loss"] for r in a}) == 6
+
+    # the final weights agree too
+    wa = load_file(str(latest_checkpoint(tmp_path / "full") / "model" / "model.safetensors"))
+    wb = load_file(str(latest_checkpoint(tmp_path / "split") / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_holds_every_state(world, tmp_path):
+    result = train(config(world, tmp_path / "run", "run.max_steps=2", "run.save_every=1",
+                          "run.keep_checkpoints=1"), progress=False)
+    ckpt = result.checkpoint
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+    names = {p.name for p in ckpt.iterdir()}
+    assert names == {"model", "loss.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json", "config.yaml"}
+    assert json.loads((ckpt / "model" / "config.json").read_text())["backbone"] == "albef"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state == {"epoch": 0, "step_in_epoch": 2, "global_step": 2, "seed": 42, "global_batch": 4,
+                     "skipped_images": 0}
+    assert any("queue" in k for k in load_file(str(ckpt / "loss.safetensors")))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    assert set(rng[0]) == {"python", "numpy", "torch", "cuda", "generators"} and rng[0]["generators"]
+    # the saved model loads through the backbone's own loader (what `hist-vlm eval` does)
+    from hist_vlm.models.albef import AlbefModel
+    AlbefModel.from_pretrained(ckpt / "model")
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    phrases, images = write_world(tmp_path / "world", n_images=8, size=40)
+    (images / "img002.png").write_bytes(b"broken")
+    (images / "img005.png").unlink()
+    result = train(config((phrases, images), tmp_path / "run", "schedule.epochs=1"), progress=False)
+    assert result.global_step == 2        # the whole epoch ran
+    assert result.skipped_images == 2     # each broken image is drawn once per epoch
+    assert "skipped 2 unreadable image" in capsys.readouterr().out + capsys.readouterr().err
