@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -75,38 +76,40 @@ def _rss_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def run(model, loss_fn, batch, args, device) -> tuple[float, float]:
-    """(ms/step, peak memory MiB) over args.steps timed steps after args.warmup."""
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
+class Stepper:
+    """One loss + its AdamW on the shared model; `timed(steps)` -> (ms/step, peak MiB)."""
 
-    def step(i: int) -> None:
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, model, loss_fn, batch, args, device) -> None:
+        self.model, self.loss_fn, self.batch, self.device = model, loss_fn, batch, device
+        params = list(model.parameters()) + list(loss_fn.parameters())
+        self.opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5)
+        self.bf16 = args.bf16
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
-            out = loss_fn(model, batch, progress=0.5)
+            out = self.loss_fn(self.model, self.batch, progress=0.5)
         out["loss"].backward()
-        opt.step()
+        self.opt.step()
 
-    for i in range(args.warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_mem = 0
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM
-        base_mem = _rss_kb("VmRSS:") * 1024
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_kb("VmHWM:") * 1024 - base_mem
-    return (time.perf_counter() - t0) * 1000 / args.steps, peak / 2**20
+    def timed(self, steps: int) -> tuple[float, float]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = 0
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM
+            base_mem = _rss_kb("VmRSS:") * 1024
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        if cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM:") * 1024 - base_mem
+        return (time.perf_counter() - t0) * 1000 / steps, peak / 2**20
 
 
 def main() -> None:
@@ -114,8 +117,10 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--backbone", choices=["albef", "blip"], default="albef")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed blocks of --steps, alternating baseline and HIST; the median block is reported")
     ap.add_argument("--batch", type=int, default=None, help="images per step (default: 8 tiny, 56 base)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: on for --size base on CUDA)")
@@ -130,14 +135,22 @@ def main() -> None:
     image_size = 256 if args.size == "base" else 32
     batch = synthetic_batch(model, n, image_size, device)
     layer = min(size.capture_layer if args.backbone == "albef" else 8, model.num_cross_attention_layers - 1)
-    results = {}
+    steppers = {}
     for name, schedule in (("baseline (ITC+ITM+MLM)", "off"), ("HIST (full)", "constant")):
         cfg = HistLossConfig(schedule=schedule, capture_layers=(layer,), queue_size=size.queue)
-        loss_fn = HistLoss(cfg, model).to(device)
-        results[name] = run(model, loss_fn, batch, args, device)
+        steppers[name] = Stepper(model, HistLoss(cfg, model).to(device), batch, args, device)
+        for _ in range(args.warmup):
+            steppers[name].step()
+    blocks: dict[str, list[tuple[float, float]]] = {name: [] for name in steppers}
+    for _ in range(args.repeats):  # alternate, so load changes hit both sides
+        for name, stepper in steppers.items():
+            blocks[name].append(stepper.timed(args.steps))
+    results = {
+        name: (statistics.median(ms for ms, _ in runs), max(peak for _, peak in runs)) for name, runs in blocks.items()
+    }
     mem = "peak CUDA alloc MiB" if device.type == "cuda" else "peak RSS delta MiB"
     print(f"\n{args.backbone} {args.size}, batch {n}, {device}, bf16={args.bf16}, "
-          f"{args.steps} steps after {args.warmup} warm-up\n")
+          f"median of {args.repeats} blocks of {args.steps} steps, after {args.warmup} warm-up\n")
     print(f"| loss | ms/step | images/s | {mem} |\n|---|---|---|---|")
     for name, (ms, peak) in results.items():
         print(f"| {name} | {ms:.1f} | {n * 1000 / ms:.1f} | {peak:.0f} |")
