@@ -33,7 +33,9 @@ def test_reader_drops_images_without_phrases_and_names_bad_lines(tmp_path):
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(DatasetError, match=r"phrases.jsonl:5"):
         read_parse_output(path)
-    bad_pair = dict(extra, phrases=[{"text": "a dog", "subject": "dog"}], pairs=[[0, 3]])
+    dog = {"text": "a dog", "subject": "dog", "caption_index": 0, "start": 0, "end": 5,
+           "subject_start": 2, "subject_end": 5, "subject_lemma": "dog"}
+    bad_pair = dict(extra, phrases=[dog], pairs=[[0, 3]])
     path.write_text(json.dumps(bad_pair) + "\n")
     with pytest.raises(DatasetError, match="pair"):
         read_parse_output(path)

@@ -11,6 +11,16 @@ COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "star", "triangle"]
 
 
+def _phrase(captions: list[str], index: int, text: str) -> dict:
+    """A `hist-vlm parse` phrase record; the subject is the last word."""
+    start = captions[index].index(text)
+    subject = text.split()[-1]
+    sub_start = start + text.rindex(subject)
+    return {"text": text, "subject": subject, "caption_index": index, "start": start,
+            "end": start + len(text), "subject_start": sub_start, "subject_end": sub_start + len(subject),
+            "subject_lemma": subject}
+
+
 def write_world(root: Path, n_images: int = 8, size: int = 40, side_words: bool = False) -> tuple[Path, Path]:
     """n_images PNGs (random noise, so flips and crops change pixels) and their parse records.
     Returns (phrase file, image root)."""
@@ -24,14 +34,11 @@ def write_world(root: Path, n_images: int = 8, size: int = 40, side_words: bool 
         a = f"a {COLOURS[k % 4]} {SHAPES[k % 4]}"
         b = f"a {COLOURS[(k + 1) % 4]} {SHAPES[(k + 2) % 4]}"
         relation = "to the left of" if side_words else "near"
-        phrases = [
-            {"text": a, "subject": SHAPES[k % 4]},
-            {"text": b, "subject": SHAPES[(k + 2) % 4]},
-        ]
+        captions = [f"{a} {relation} {b}", f"there is {b}"]
         lines.append({
             "image": name,
-            "captions": [f"{a} {relation} {b}", f"there is {b}"],
-            "phrases": phrases,
+            "captions": captions,
+            "phrases": [_phrase(captions, 0, a), _phrase(captions, 0, b)],
             "pairs": [[0, 1], [1, 0]] if k % 3 else [],   # some images have no pair
         })
     path = root / "phrases.jsonl"

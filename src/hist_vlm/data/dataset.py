@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.text.corpus import ImageRecord as ParsedImage
 from hist_vlm.text.pairs import composite_text
 
 # ALBEF and BLIP both normalise with the OpenAI-CLIP statistics.
@@ -75,16 +76,11 @@ def read_parse_output(path: str | Path) -> tuple[list[ImageRecord], int]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                phrases = tuple((p["text"], p["subject"]) for p in row["phrases"])
-                record = ImageRecord(
-                    image=str(row["image"]),
-                    captions=tuple(str(c) for c in row["captions"]),
-                    phrases=phrases,
-                    pairs=tuple((int(i), int(j)) for i, j in row.get("pairs", [])),
-                )
+                parsed = ParsedImage.from_json(json.loads(line))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise DatasetError(f"{path}:{lineno}: not a `hist-vlm parse` record ({e!r})") from None
+            phrases = tuple((p.text, p.subject) for _, p in parsed.phrases)
+            record = ImageRecord(str(parsed.image), tuple(parsed.captions), phrases, tuple(parsed.pairs))
             if any(not (0 <= i < len(phrases) and 0 <= j < len(phrases)) for i, j in record.pairs):
                 raise DatasetError(f"{path}:{lineno}: a pair indexes a phrase that does not exist")
             if not record.captions or not record.phrases:

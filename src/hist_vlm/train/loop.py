@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ class _Log:
         self.env = env
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.since, self.steps = time.perf_counter(), 0
         self.path = run_dir / "log.jsonl"
         self.writer = None
         if tensorboard and env.is_main:
@@ -122,14 +124,36 @@ class _Log:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
 
+    def rewind(self, step: int) -> None:
+        """On resume: keep only the complete lines up to the checkpoint's step, so the log
+        reads as one uninterrupted run (a kill can leave later steps or half a line)."""
+        if not (self.env.is_main and self.path.is_file()):
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", step + 1) <= step:
+                kept.append(line + "\n")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+    def step_done(self) -> None:
+        self.steps += 1
+
     def flush(self, step: int, epoch: float, lr: float, bar: tqdm) -> dict[str, float]:
         keys = sorted(self.sums)
         values = torch.stack([self.sums[k] for k in keys]) / self.count  # one host sync per line
         if self.env.world_size > 1:
             dist.all_reduce(values)
             values /= self.env.world_size
-        record = {"step": step, "epoch": round(epoch, 4), "lr": lr, **dict(zip(keys, values.tolist()))}
-        self.sums, self.count = {}, 0
+        now = time.perf_counter()
+        record = {"step": step, "epoch": round(epoch, 4), "lr": lr, **dict(zip(keys, values.tolist())),
+                  "sec_per_step": round((now - self.since) / max(1, self.steps), 4)}
+        self.sums, self.count, self.since, self.steps = {}, 0, now, 0
         if self.env.is_main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -221,6 +245,7 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
         raise ConfigError(f"run.precision must be auto, bf16 or fp32, got {cfg.run.precision!r}")
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     log = _Log(run_dir, env, cfg.run.tensorboard)
+    log.rewind(position.global_step)
     stop_at = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
     bar = tqdm(total=total_steps, initial=position.global_step, disable=not (progress and env.is_main),
                desc="train", unit="step", dynamic_ncols=True)
@@ -271,6 +296,7 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
             if position.step_in_epoch == steps_per_epoch:
                 position.epoch, position.step_in_epoch = position.epoch + 1, 0
             bar.update(1)
+            log.step_done()
             done = position.global_step >= stop_at
             if position.global_step % cfg.run.log_every == 0 or done:
                 result.last_log = log.flush(position.global_step, epochs_done, lr, bar)
