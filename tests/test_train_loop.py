@@ -75,3 +75,14 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
     assert result.global_step == 2        # the whole epoch ran
     assert result.skipped_images == 2     # each broken image is drawn once per epoch
     assert "skipped 2 unreadable image" in capsys.readouterr().out + capsys.readouterr().err
+
+
+def test_blip_trains_and_resumes(world, tmp_path):
+    blip = ("model.name=blip", "model.params={size: tiny}", "data.max_length=16")
+    train(config(world, tmp_path / "full", *blip, "run.max_steps=3"), progress=False)
+    train(config(world, tmp_path / "split", *blip, "run.max_steps=2"), progress=False)
+    train(config(world, tmp_path / "split", *blip, "run.max_steps=3"), resume=True, progress=False)
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert all(a[i][k] == b[i][k] for i in range(3) for k in TERMS)
+    assert a[2]["add"] > 0 and a[2]["subject_itm"] > 0
