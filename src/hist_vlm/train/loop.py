@@ -187,24 +187,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> TrainResult:
-    run_dir = Path(cfg.run.dir)
-    found = latest_checkpoint(run_dir)
-    if found is not None and not resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    _seed_everything(cfg.run.seed)
-
+def _loader(cfg: TrainConfig, env: Environment, run_dir: Path, tokenize) -> tuple[GlobalBatchSampler, DataLoader]:
+    """This rank's batches: the sampler cuts global batches, the collate tokenizes."""
     phrases, image_root = prepare_data(cfg.data, run_dir, env.is_main, env.barrier)
     records, dropped = read_parse_output(phrases)
-    model = build_model(cfg.model, cfg.data.image_size).to(env.device)
-    objective = HistLoss(cfg.loss, model).to(env.device)
-    broadcast_parameters(model)
-    broadcast_parameters(objective)
-    named = trainable_parameters(model, objective)
-    params = [p for _, p in named]
-
+    if dropped and env.is_main:
+        tqdm.write(f"{dropped} images of {phrases} have no phrase and are left out")
     sampler = GlobalBatchSampler(
         len(records), cfg.data.batch_size, world_size=env.world_size, rank=env.rank,
         grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed,
@@ -213,10 +201,30 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
         records, image_root, cfg.data.image_size, seed=cfg.run.seed,
         crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
     )
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=HistCollate(model.tokenize, cfg.data.max_length, cfg.data.pad_to_max_length),
-        num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda",
-    )
+    collate = HistCollate(tokenize, cfg.data.max_length, cfg.data.pad_to_max_length)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                        pin_memory=env.device.type == "cuda")
+    return sampler, loader
+
+
+def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> TrainResult:
+    if cfg.run.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"run.precision must be auto, bf16 or fp32, got {cfg.run.precision!r}")
+    run_dir = Path(cfg.run.dir)
+    found = latest_checkpoint(run_dir)
+    if found is not None and not resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(cfg.run.seed)  # the same initial weights on every rank (and broadcast below)
+
+    model = build_model(cfg.model, cfg.data.image_size).to(env.device)
+    objective = HistLoss(cfg.loss, model).to(env.device)
+    broadcast_parameters(model)
+    broadcast_parameters(objective)
+    named = trainable_parameters(model, objective)
+    params = [p for _, p in named]
+    sampler, loader = _loader(cfg, env, run_dir, model.tokenize)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.schedule.epochs * steps_per_epoch
     optimizer = build_optimizer(named, cfg.optim)
@@ -241,8 +249,6 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
-    if cfg.run.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"run.precision must be auto, bf16 or fp32, got {cfg.run.precision!r}")
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     log = _Log(run_dir, env, cfg.run.tensorboard)
     log.rewind(position.global_step)
@@ -261,9 +267,9 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
         path = None
         if env.is_main:
             path = save_checkpoint(
-                run_dir, model=model, model_config={"backbone": cfg.model.name, "config": cfg.model.params}, objective=objective,
-                optimizer=optimizer, scheduler=scheduler, position=position, rng_states=states,
-                config=cfg.to_dict(), keep=cfg.run.keep_checkpoints,
+                run_dir, model=model, model_config={"backbone": cfg.model.name, "config": cfg.model.params},
+                objective=objective, optimizer=optimizer, scheduler=scheduler, position=position,
+                rng_states=states, config=cfg.to_dict(), keep=cfg.run.keep_checkpoints,
             )
         env.barrier()
         return path
@@ -277,6 +283,8 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
             epochs_done = position.epoch + position.step_in_epoch / steps_per_epoch
             for micro in range(cfg.optim.grad_accum):
                 batch, skipped = next(batches)
+                for path in skipped[: max(0, 5 - len(skipped_here))]:   # the first few, by name
+                    bar.write(f"warning: unreadable image skipped: {path}")
                 skipped_here += skipped
                 torch.manual_seed(step_seed(cfg.run.seed, position.global_step, micro))
                 with autocast():
