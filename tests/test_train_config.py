@@ -65,6 +65,8 @@ def test_overrides_are_typed_by_the_field(tmp_path):
     ("loss.schedule=sometimes", "unknown HIST schedule"),
     ("optim.lr", "not of the form key=value"),
     ("data.batch_size.x=1", "'batch_size' is not a section"),
+    ("data.batch_size=0", "data: batch_size must be at least 1"),
+    ("run.keep_checkpoints=0", "run: keep_checkpoints must be at least 1"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

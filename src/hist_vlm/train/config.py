@@ -7,6 +7,7 @@ names the key, never a silently ignored setting. The `loss` section IS the losse
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,24 @@ from typing import Any
 import yaml
 
 from hist_vlm.losses.hist import HistLossConfig
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false. Under PyYAML's YAML 1.1 rules `off`, `on`,
+    `yes` and `no` are booleans, so `loss.schedule=off` would arrive as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -58,6 +77,11 @@ class DataConfig:
     hflip: bool = True            # only where no text of the sample says "left"/"right"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    def __post_init__(self) -> None:
+        _positive(self, "image_size")
+        _positive(self, "batch_size")
+        _positive(self, "max_length")
+
 
 @dataclass
 class OptimConfig:
@@ -70,6 +94,9 @@ class OptimConfig:
     grad_accum: int = 1                    # micro-batches per optimizer step
     max_grad_norm: float | None = None     # clip the global gradient norm when set
 
+    def __post_init__(self) -> None:
+        _positive(self, "grad_accum")
+
 
 @dataclass
 class ScheduleConfig:
@@ -79,6 +106,9 @@ class ScheduleConfig:
     warmup_steps: int = 1000
     warmup_lr: float = 1e-6
     min_lr: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs")
 
 
 @dataclass
@@ -95,6 +125,11 @@ class RunConfig:
     max_steps: int | None = None      # stop after this many optimizer steps (smoke runs)
     tensorboard: bool = False
 
+    def __post_init__(self) -> None:
+        _positive(self, "log_every")
+        _positive(self, "save_every")
+        _positive(self, "keep_checkpoints")
+
 
 @dataclass
 class TrainConfig:
@@ -109,13 +144,18 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
 
+def _positive(section: Any, name: str) -> None:
+    if getattr(section, name) < 1:
+        raise ValueError(f"{name} must be at least 1, got {getattr(section, name)}")
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """A preset YAML file, then `section.key=value` overrides applied in order."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -136,7 +176,7 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[leaf] = yaml.safe_load(text) if text else ""
+        node[leaf] = _load_yaml(text) if text else ""
     except yaml.YAMLError:
         node[leaf] = text
 
