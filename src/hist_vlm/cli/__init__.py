@@ -21,6 +21,7 @@ def _root() -> None:
 from hist_vlm.cli import parse  # noqa: E402,F401
 from hist_vlm.cli import eval, ground  # noqa: E402,F401
 from hist_vlm.cli import train  # noqa: E402,F401
+from hist_vlm.cli import demo  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover - console entry point
