@@ -15,12 +15,11 @@ $(VENV)/.installed: requirements.txt requirements-model.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-demo: setup  # until the training demo exists: parse the bundled sample captions
-	mkdir -p demo_out
-	$(BIN)/hist-vlm parse --sample --out demo_out/sample_phrases.jsonl
+demo: setup
+	$(BIN)/hist-vlm demo
 
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python benchmarks/bench_parse.py

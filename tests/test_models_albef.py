@@ -204,3 +204,16 @@ def test_unpaired_rows_need_an_index(model):
         model.fuse(model.encode_text(ids, mask), mask, image)
     with pytest.raises(ValueError, match="pass image_index"):
         model.mlm_logits(ids, mask, image)
+
+
+def test_default_capture_layer_is_the_third_cross_attention_layer():
+    from hist_vlm.models.albef import AlbefConfig, AlbefModel
+
+    base_like = AlbefModel(AlbefConfig(image_size=32, patch_size=16, vision_width=32, vision_depth=1, vision_heads=2,
+                                       text_width=32, text_layers=6, text_heads=2, text_intermediate_size=64,
+                                       fusion_layer=2, vocab_size=64, embed_dim=16, max_position_embeddings=32))
+    assert base_like.default_capture_layer == 2  # absolute block fusion_layer + 2, as block 8 of ALBEF-base
+    small = AlbefModel(AlbefConfig(image_size=32, patch_size=16, vision_width=32, vision_depth=1, vision_heads=2,
+                                   text_width=32, text_layers=4, text_heads=2, text_intermediate_size=64,
+                                   fusion_layer=2, vocab_size=64, embed_dim=16, max_position_embeddings=32))
+    assert small.default_capture_layer == 1

@@ -349,6 +349,13 @@ class _AlbefProtocol(VisionLanguageBackbone):
     def num_cross_attention_layers(self) -> int:
         return self.config.text_layers - self.config.fusion_layer
 
+    @property
+    def default_capture_layer(self) -> int:
+        """GradCAM layer when none is configured: the 3rd cross-attention layer (BERT block 8 of
+        ALBEF-base), which ALBEF's Grounding.py, SelfEQ and the HIST paper use; the last one
+        for models with fewer cross-attention layers."""
+        return min(2, self.num_cross_attention_layers - 1)
+
     def tokenize(self, texts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """`[CLS] wordpieces` (no [SEP]) after `pre_caption`; `max_length` defaults to the config's."""
         return self.tokenizer(texts, max_length if max_length is not None else self.config.max_length)
