@@ -86,3 +86,14 @@ def test_bad_files(tmp_path):
     bad.write_text("optim: 3\n")
     with pytest.raises(ConfigError, match="optim must be a mapping"):
         load_config(bad)
+
+
+def test_yaml_words_like_off_stay_strings(tmp_path):
+    """YAML 1.1 reads off/on/yes/no as booleans; `loss.schedule=off` must stay the string."""
+    from hist_vlm.train.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  schedule: off\nrun:\n  tensorboard: true\n")
+    cfg = load_config(path, ["data.hflip=false"])
+    assert cfg.loss.schedule == "off" and cfg.run.tensorboard is True and cfg.data.hflip is False
+    assert load_config(path, ["loss.schedule=constant"]).loss.schedule == "constant"
