@@ -125,6 +125,30 @@ def _backbone_name(path: Path) -> str:
     return name
 
 
+def text_length_limit(model, max_length: int) -> int:
+    """`max_length` tokens, or fewer when the model's position table is shorter."""
+    limit = _config_int(model, "max_position_embeddings")
+    return min(max_length, limit) if limit else max_length
+
+
+def eval_transform(model):
+    """The evaluation preprocessing of a backbone: PIL RGB image -> [3, S, S] float tensor,
+    resized to the model's resolution with bicubic interpolation (no crop, as ALBEF's test
+    transform) and normalised with the CLIP statistics that ALBEF and BLIP use. A plain
+    transform object, not a method: DataLoader workers receive it without the model."""
+    from torchvision.transforms import v2
+
+    from hist_vlm.data.dataset import IMAGE_MEAN, IMAGE_STD
+
+    size = model_image_size(model)
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGE_MEAN, IMAGE_STD),
+    ])
+
+
 class GradcamMaps:
     """ITM GradCAM maps of a backbone (hist_vlm.losses.gradcam, recipe "reference").
 
@@ -145,10 +169,6 @@ class GradcamMaps:
         device: str | torch.device = "cpu",
         max_length: int = 64,
     ):
-        from torchvision.transforms import v2
-
-        from hist_vlm.data.dataset import IMAGE_MEAN, IMAGE_STD
-
         if not layers:
             default = getattr(model, "default_capture_layer", None)
             if default is None:
@@ -158,17 +178,9 @@ class GradcamMaps:
         self.layers, self.head, self.combine = tuple(layers), head, combine
         # eval texts are not truncated to the training length (ALBEF's Grounding.py pads to the
         # longest); the position table bounds them
-        limit = _config_int(model, "max_position_embeddings")
         self.device = torch.device(device)
-        self.max_length = min(max_length, limit) if limit else max_length
-        size = model_image_size(model)
-        # a plain transform object, not a method: DataLoader workers receive it without the model
-        self.preprocess = v2.Compose([
-            v2.PILToTensor(),
-            v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGE_MEAN, IMAGE_STD),
-        ])
+        self.max_length = text_length_limit(model, max_length)
+        self.preprocess = eval_transform(model)
 
     def __call__(self, pixel_values: Tensor, texts: list[str], image_index: Tensor) -> Tensor:
         from hist_vlm.losses.gradcam import gradcam_maps
