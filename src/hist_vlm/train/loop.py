@@ -98,6 +98,7 @@ class TrainResult:
     last_log: dict[str, float] = field(default_factory=dict)
     skipped_images: int = 0
     checkpoint: Path | None = None
+    start_step: int = 0    # the global step this call began at (a resumed run: its checkpoint's)
 
 
 class _Log:
@@ -255,7 +256,7 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
     stop_at = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
     bar = tqdm(total=total_steps, initial=position.global_step, disable=not (progress and env.is_main),
                desc="train", unit="step", dynamic_ncols=True)
-    result = TrainResult(run_dir, position.global_step)
+    result = TrainResult(run_dir, position.global_step, start_step=position.global_step)
     skipped_before, skipped_here = position.skipped_images, []
 
     def checkpoint() -> Path | None:
