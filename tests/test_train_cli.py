@@ -1,5 +1,6 @@
 """`hist-vlm train`: one-line errors, and a run SIGKILLed mid-training that resumes exactly."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
+from hist_vlm.train.checkpoint import latest_checkpoint
 from hist_vlm.train.config import load_config
 from hist_vlm.train.loop import train
 from train_helpers import CONFIGS, read_log, tiny_overrides, write_world
@@ -47,9 +49,17 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
+    saved = latest_checkpoint(tmp_path / "run")
+    assert saved is not None
+    start = int(saved.name.split("-")[1])
+    assert 2 <= start < 6   # 3 log lines: the checkpoint of step 2 was complete
+
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trained 6 steps" in done.stdout
+    # the resumed process started at that checkpoint: it printed only the steps after it
+    printed = [int(m) for m in re.findall(r"^step (\d+) \|", done.stdout, flags=re.M)]
+    assert printed == list(range(start + 1, 7)), done.stdout[-2000:]
     # the log was rewound to the last complete checkpoint: it reads as one run
     got, ref = read_log(tmp_path / "run"), read_log(tmp_path / "ref")
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]

@@ -1,6 +1,7 @@
 """The training loop on the real tiny ALBEF + HistLoss: resume exactness, unreadable images,
 checkpoint contents."""
 import json
+import re
 
 import pytest
 import torch
@@ -23,16 +24,25 @@ def config(world, run_dir, *extra):
     return load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(*world, run_dir, *extra))
 
 
-def test_stop_and_resume_repeats_the_uninterrupted_losses(world, tmp_path):
+def printed_steps(text: str) -> list[int]:
+    """The steps of the "step N | ..." lines a run prints (one per log line)."""
+    return [int(m) for m in re.findall(r"^step (\d+) \|", text, flags=re.M)]
+
+
+def test_stop_and_resume_repeats_the_uninterrupted_losses(world, tmp_path, capsys):
     # 16 images / batch 4 = 4 steps per epoch: stop mid-epoch 0, resume across the epoch boundary
     full = train(config(world, tmp_path / "full", "run.max_steps=6"), progress=False)
-    assert full.global_step == 6
+    assert full.global_step == 6 and full.start_step == 0
     first = train(config(world, tmp_path / "split", "run.max_steps=3"), progress=False)
-    assert first.global_step == 3 and first.checkpoint.name == "step-00000003"
+    assert first.global_step == 3 and first.checkpoint.name == "step-00000003" and first.start_step == 0
     with pytest.raises(ConfigError, match="--resume"):
         train(config(world, tmp_path / "split", "run.max_steps=6"), progress=False)
+    capsys.readouterr()
     resumed = train(config(world, tmp_path / "split", "run.max_steps=6"), resume=True, progress=False)
     assert resumed.global_step == 6
+    # it started at the checkpoint's step: only steps 4-6 were trained (and printed) again
+    assert resumed.start_step == 3
+    assert printed_steps(capsys.readouterr().out) == [4, 5, 6]
 
     a, b = read_log(tmp_path / "full"), read_log(tmp_path / "split")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -81,7 +91,8 @@ def test_blip_trains_and_resumes(world, tmp_path):
     blip = ("model.name=blip", "model.params={size: tiny}", "data.max_length=16")
     train(config(world, tmp_path / "full", *blip, "run.max_steps=3"), progress=False)
     train(config(world, tmp_path / "split", *blip, "run.max_steps=2"), progress=False)
-    train(config(world, tmp_path / "split", *blip, "run.max_steps=3"), resume=True, progress=False)
+    resumed = train(config(world, tmp_path / "split", *blip, "run.max_steps=3"), resume=True, progress=False)
+    assert (resumed.start_step, resumed.global_step) == (2, 3)
     a, b = read_log(tmp_path / "full"), read_log(tmp_path / "split")
     assert [r["step"] for r in b] == [1, 2, 3]
     assert all(a[i][k] == b[i][k] for i in range(3) for k in TERMS)
