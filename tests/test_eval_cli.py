@@ -86,8 +86,15 @@ def test_eval_pointing_user_mistakes_are_one_line(setup, args, message):
     root, config, ckpt = setup
     argv = ["eval", "pointing", str(config), "--checkpoint", str(ckpt), "--device", "cpu", *args]
     res = _run(argv)
-    assert res.exit_code != 0
-    assert message in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2  # a usage error, not a crash
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    # Typer's error box: the usage lines, then the message on exactly one line between the borders
+    lines = res.output.strip().splitlines()
+    usage = [x for x in lines if x.startswith(("Usage:", "Try "))]
+    border = [x for x in lines if x.strip("╭╮╰╯─ ").removeprefix("Error").strip("─ ") == ""]
+    content = [x for x in lines if x not in usage and x not in border]
+    assert len(usage) == 2 and len(border) == 2, res.output
+    assert len(content) == 1 and message in content[0], res.output
 
 
 def test_ground_draws_a_figure(setup):

@@ -50,6 +50,40 @@ class ScriptedMaps:
         return heat
 
 
+def hand_pointing(source, records, batch_size: int) -> tuple[float, dict]:
+    """The pointing game of the single queries, recomputed from `source`'s maps on the same
+    batches: bicubic upsampling to the image size, the first maximum in row-major order, a hit
+    when strictly inside an [x1, y1, x2, y2] box. Returns (accuracy, {id: (x, y)})."""
+    hits = total = 0
+    points = {}
+    for start in range(0, len(records), batch_size):
+        recs = records[start:start + batch_size]
+        slot = {}
+        for r in recs:
+            slot.setdefault(r.image, len(slot))
+        pixels = []
+        for path in slot:
+            with Image.open(path) as im:
+                pixels.append(source.preprocess(im.convert("RGB")))
+        maps = source(torch.stack(pixels), [r.text for r in recs], torch.tensor([slot[r.image] for r in recs]))
+        for r, heat in zip(recs, maps.float()):
+            if r.kind != "single":
+                continue
+            up = torch.nn.functional.interpolate(heat[None, None], size=(r.height, r.width), mode="bicubic",
+                                                 align_corners=False)[0, 0]
+            y, x = (up == up.max()).nonzero()[0].tolist()
+            assert r.box_format == "xyxy"
+            hits += any(x1 < x < x2 and y1 < y < y2 for x1, y1, x2, y2 in r.boxes)
+            total += 1
+            points[r.id] = (x, y)
+    assert len(set(points.values())) > 1  # the points depend on the maps, not one constant
+    return hits / total, points
+
+
+def read_results(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
 def test_oracle_maps_score_perfectly_and_results_are_written(world, tmp_path):
     records = read_synthetic(world / "grounding.jsonl")
     out = tmp_path / "res" / "results.jsonl"
@@ -105,7 +139,7 @@ def test_empty_records_is_an_error():
         evaluate([], None, progress=False)
 
 
-def test_gradcam_maps_from_a_tiny_albef(world):
+def test_gradcam_maps_from_a_tiny_albef(world, tmp_path):
     from hist_vlm.models.albef import AlbefConfig, AlbefModel
 
     torch.manual_seed(0)
@@ -117,17 +151,22 @@ def test_gradcam_maps_from_a_tiny_albef(world):
     with Image.open(records[0].image) as im:
         x = source.preprocess(im.convert("RGB"))
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and x.mean().abs() < 3
-    report = evaluate(records, source, batch_size=6, num_workers=2, progress=False)  # workers: no model inside
+    out = tmp_path / "results.jsonl"
+    report = evaluate(records, source, batch_size=6, num_workers=2, out=out, progress=False)  # workers: no model inside
     s = report.summary()["val"]
     assert s["n"] + s["n_composite"] == len(records)
-    assert 0.0 <= s["pointing"] <= 1.0 and not math.isnan(s["ciou"])
+    assert not math.isnan(s["ciou"])
+    # the accuracy is the one these maps give (recomputed here, same batches)
+    acc, points = hand_pointing(source, records, 6)
+    assert s["pointing"] == pytest.approx(acc)
+    assert {x["id"]: tuple(x["point"]) for x in read_results(out) if x["kind"] == "single"} == points
     # the maps themselves: one [4, 4] non-negative map per text, not all zero
     pixels = torch.stack([x, x])
     maps = source(pixels, ["the red circle", "a star and a square"], torch.tensor([0, 1]))
     assert maps.shape == (2, 4, 4) and (maps >= 0).all() and maps.sum() > 0
 
 
-def test_gradcam_maps_from_a_tiny_blip(world):
+def test_gradcam_maps_from_a_tiny_blip(world, tmp_path):
     from hist_vlm.models import build_backbone
 
     torch.manual_seed(0)
@@ -137,9 +176,13 @@ def test_gradcam_maps_from_a_tiny_blip(world):
     records = read_synthetic(world / "grounding.jsonl", splits=["test"])
     with Image.open(records[0].image) as im:
         assert source.preprocess(im.convert("RGB")).shape == (3, 32, 32)
-    report = evaluate(records, source, batch_size=8, progress=False)
+    out = tmp_path / "results.jsonl"
+    report = evaluate(records, source, batch_size=8, out=out, progress=False)
     s = report.summary()["test"]
-    assert s["n"] + s["n_composite"] == len(records) and 0.0 <= s["pointing"] <= 1.0
+    assert s["n"] + s["n_composite"] == len(records)
+    acc, points = hand_pointing(source, records, 8)
+    assert s["pointing"] == pytest.approx(acc)
+    assert {x["id"]: tuple(x["point"]) for x in read_results(out) if x["kind"] == "single"} == points
 
 
 def test_load_backbone_formats_and_errors(tmp_path):
