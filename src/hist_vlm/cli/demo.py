@@ -8,12 +8,12 @@ import typer
 
 from hist_vlm.cli import app
 
-DEFAULT_CONFIG = Path("configs/demo_tiny.yaml")
+DEFAULT_CONFIG = "demo_tiny"  # a packaged preset: found by name from any directory
 
 
 @app.command()
 def demo(
-    config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="Training preset of the tiny model."),
+    config: str = typer.Option(DEFAULT_CONFIG, "--config", help="Training preset (name or YAML path) of the tiny model."),
     out: Path = typer.Option(Path("demo_out"), "--out", help="Where the world, runs, table and figure go."),
     quick: bool = typer.Option(False, "--quick", help="One seed, a smaller world, fewer epochs (about 3 min)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds (default 3; 1 with --quick)."),
@@ -23,10 +23,12 @@ def demo(
     """Train the same tiny model with and without HIST on synthetic scenes, evaluate both,
     print a table (mean ± std over seeds) and save a heatmap comparison figure."""
     from hist_vlm.demo import DemoSettings, run_demo
-    from hist_vlm.train.config import ConfigError
+    from hist_vlm.train.config import ConfigError, resolve_config
 
-    if not config.is_file():
-        raise typer.BadParameter(f"{config}: config not found (run from the repository root or pass --config)")
+    try:
+        config = resolve_config(config)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
     if schedule not in ("paper", "constant"):
         raise typer.BadParameter(f"--hist-schedule must be paper or constant, got {schedule!r}")
     settings = DemoSettings.quick(config, out) if quick else DemoSettings(config=config, out_dir=out)

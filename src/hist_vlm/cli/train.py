@@ -9,7 +9,7 @@ from hist_vlm.cli import app
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def train(
-    config: str = typer.Argument(..., help="A training config YAML (presets in configs/)."),
+    config: str = typer.Argument(..., help="A preset name (demo_tiny, albef_coco, ...) or a training config YAML."),
     overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. optim.lr=1e-5 run.dir=runs/x"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in run.dir."),
 ) -> None:

@@ -83,46 +83,16 @@ def model_image_size(model) -> int:
 
 def load_backbone(checkpoint: str | Path, name: str | None = None, image_size: int | None = None):
     """A trained backbone from `checkpoint`: a `save_pretrained` folder, a training checkpoint
-    (`RUN/checkpoints/step-N`, whose `model/` is used) or an official ALBEF `.pth`.
+    (`RUN/checkpoints/step-N`, whose `model/` is used), an official ALBEF `.pth` or a BLIP folder
+    (`hist_vlm.models.loading`, the loader training uses too).
 
-    `name` ("albef" | "blip") defaults to what the folder's config.json says. `image_size`
+    `name` ("albef" | "blip") defaults to what the checkpoint says. `image_size`
     (official .pth only) builds the model at that resolution with interpolated position
     embeddings, as ALBEF evaluates RefCOCO+/ReferIt at 384 px.
     """
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    if (path / "model" / "config.json").is_file():
-        path = path / "model"
-    name = name or _backbone_name(path)
-    if image_size is not None and path.is_dir():
-        raise ValueError("an input size can only be chosen for an official .pth checkpoint")
-    if name == "albef":
-        from hist_vlm.models.albef import AlbefModel
+    from hist_vlm.models.loading import load_pretrained
 
-        if path.is_dir():
-            return AlbefModel.from_pretrained(path)
-        sizes = {"image_size": image_size} if image_size else {}
-        return AlbefModel.from_albef_checkpoint(path, verbose=False, **sizes)
-    if name == "blip":
-        from hist_vlm.models.blip import BlipBackbone
-
-        return BlipBackbone.from_pretrained(path)
-    raise ValueError(f"unknown backbone {name!r} (albef or blip)")
-
-
-def _backbone_name(path: Path) -> str:
-    """albef (our save_pretrained: "backbone") or blip (a transformers folder: "model_type")."""
-    if path.is_file():
-        return "albef"  # a .pth: only ALBEF/SelfEQ checkpoints come as single files
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (not a saved model or training checkpoint)")
-    payload = json.loads(cfg_path.read_text())
-    name = payload.get("backbone") or payload.get("model_type")
-    if name not in ("albef", "blip"):
-        raise ValueError(f"{cfg_path}: cannot tell the backbone (backbone/model_type = {name!r})")
-    return name
+    return load_pretrained(checkpoint, name, image_size=image_size)
 
 
 def text_length_limit(model, max_length: int) -> int:

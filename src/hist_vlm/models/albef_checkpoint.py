@@ -25,6 +25,7 @@ from hist_vlm.models.albef import AlbefConfig, AlbefModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) travels with it
 _TEXT_PREFIXES = ("text_encoder.", "text_encoder_m.")
 
 
@@ -82,6 +83,9 @@ def read_albef_state_dict(path_or_state: str | Path | dict) -> tuple[dict[str, T
         except pickle.UnpicklingError as err:
             reason = str(err).strip().splitlines()[0]
             raise ValueError(f"{source} cannot be read safely (torch.load weights_only=True): {reason}") from None
+        except Exception as err:  # noqa: BLE001 - arbitrary bytes make the unpickler fail in any way
+            raise ValueError(f"{source} is not a torch checkpoint file ({type(err).__name__}: "
+                             f"expected an official ALBEF .pth)") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no state dict (expected {{'model': state_dict}} or a bare state dict)")
@@ -240,12 +244,31 @@ def load_albef_model(
 
 
 def save_pretrained(model: AlbefModel, directory: str | Path) -> None:
-    """`model.safetensors` (tied tensors stored once) + `config.json` (`backbone`, `config`)."""
+    """`model.safetensors` (tied tensors stored once) + `config.json` (`backbone`, `config`),
+    plus the model's own `vocab.txt` when it has one: config.json then names it relative to
+    the folder, so a copied or moved checkpoint tokenizes exactly as the original did."""
+    from hist_vlm._io import atomic_write_bytes, atomic_write_text
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    if model.config.vocab_file is not None:
+        source = Path(model.config.vocab_file)
+        if not source.is_file():
+            raise FileNotFoundError(f"the model's vocabulary file is gone: {source}")
+        atomic_write_bytes(directory / VOCAB_FILE, source.read_bytes())
+        config["vocab_file"] = VOCAB_FILE
     save_model(model, str(directory / WEIGHTS_FILE))
-    payload = {"backbone": "albef", "config": model.config.to_dict()}
-    (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(directory / CONFIG_FILE, json.dumps({"backbone": "albef", "config": config}, indent=2) + "\n")
+
+
+def _stored_vocab(directory: Path, stored: str) -> str:
+    """The vocabulary a saved model names: inside its folder (what save_pretrained writes),
+    else the path as stored (folders written before vocabularies were copied)."""
+    for candidate in (directory / stored, Path(stored)):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise FileNotFoundError(f"{directory}: its vocabulary {stored!r} is neither in the folder nor at that path")
 
 
 def from_pretrained(directory: str | Path) -> AlbefModel:
@@ -257,6 +280,9 @@ def from_pretrained(directory: str | Path) -> AlbefModel:
     payload = json.loads(config_path.read_text())
     if payload.get("backbone") != "albef":
         raise ValueError(f"{config_path} describes backbone {payload.get('backbone')!r}, not 'albef'")
-    model = AlbefModel(AlbefConfig.from_dict(payload["config"]))
+    config = dict(payload["config"])
+    if config.get("vocab_file") is not None:
+        config["vocab_file"] = _stored_vocab(directory, config["vocab_file"])
+    model = AlbefModel(AlbefConfig.from_dict(config))
     load_model(model, str(weights_path), strict=True)
     return model.eval()

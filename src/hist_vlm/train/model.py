@@ -6,6 +6,7 @@ and a `model.params.image_size` that disagrees is an error rather than a crash m
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -15,28 +16,34 @@ from hist_vlm.models.base import VisionLanguageBackbone
 from hist_vlm.train.config import ConfigError, ModelConfig
 
 
-def build_model(cfg: ModelConfig, image_size: int) -> VisionLanguageBackbone:
+def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = None,
+                vocab_file: str | Path | None = None) -> VisionLanguageBackbone:
+    """From scratch out of `cfg.params` (with a derived vocabulary when given: its size and
+    file), or from `cfg.checkpoint`: any path `hist_vlm.models.loading` reads, a training
+    checkpoint `RUN/checkpoints/step-N` included (weights only; `--resume` continues a run)."""
     if cfg.name not in ("albef", "blip"):
         raise ConfigError(f"model.name must be albef or blip, got {cfg.name!r}")
     given = cfg.params.get("image_size", image_size)
     if given != image_size:
         raise ConfigError(f"model.params.image_size={given} but data.image_size={image_size}: set one of them")
     if cfg.checkpoint is None:
-        return build_backbone(cfg.name, {**cfg.params, "image_size": image_size})
+        derived = {"vocab_file": str(vocab_file), "vocab_size": len(vocab)} if vocab is not None else {}
+        return build_backbone(cfg.name, {**cfg.params, "image_size": image_size, **derived})
+    from hist_vlm.models.loading import checkpoint_backbone, load_pretrained
+
     path = Path(cfg.checkpoint)
     if not path.exists():
         raise ConfigError(f"model.checkpoint not found: {path}")
-    if cfg.name == "albef":
-        from hist_vlm.models.albef import AlbefModel
-
-        if path.is_dir():
-            model = AlbefModel.from_pretrained(path)
-        else:
-            model = AlbefModel.from_albef_checkpoint(path, **{**cfg.params, "image_size": image_size})
-    else:
-        from hist_vlm.models.blip import BlipBackbone
-
-        model = BlipBackbone.from_pretrained(path, **cfg.params)
+    try:
+        stored = checkpoint_backbone(path)
+        if stored != cfg.name:
+            raise ConfigError(f"model.checkpoint {path} holds a {stored} model but model.name is {cfg.name}")
+        params = {**cfg.params, "image_size": image_size} if cfg.name == "albef" else cfg.params
+        model = load_pretrained(path, cfg.name, params=params, verbose=True)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model.checkpoint: {e}") from None
     _check_input_size(model, image_size, path)
     return model
 
@@ -48,3 +55,50 @@ def _check_input_size(model: VisionLanguageBackbone, image_size: int, path: Path
             model.encode_image(torch.zeros(1, 3, image_size, image_size))
     except (RuntimeError, ValueError, AssertionError) as e:
         raise ConfigError(f"{path} does not take data.image_size={image_size} inputs ({e})") from None
+
+
+VOCAB_FILE = "vocab.txt"
+
+
+def derive_vocabulary(cfg: ModelConfig, records, run_dir: Path, *, resume: bool, is_main: bool,
+                      barrier) -> tuple[list[str] | None, Path | None]:
+    """`model.derive_vocab`: (vocabulary, RUN/vocab.txt) of every text the run tokenizes
+    (captions, phrases, subjects, composites), or (None, None) when not asked for.
+
+    Derived from the data, never from a fixed word list, so any caption corpus works. A resumed
+    run must derive the same list: a changed vocabulary would silently re-map the ids the
+    checkpoint was trained on.
+    """
+    if not cfg.derive_vocab:
+        return None, None
+    if cfg.name != "albef":
+        raise ConfigError(f"model.derive_vocab is for ALBEF trained from scratch; {cfg.name} keeps its own tokenizer")
+    taken = sorted({"vocab_file", "vocab_size"} & set(cfg.params))
+    if taken:
+        raise ConfigError(f"model.derive_vocab=true sets model.params.{taken[0]} itself: remove that key")
+    if cfg.checkpoint is not None:  # a pretrained model's embeddings belong to its own (saved) vocabulary
+        if is_main:
+            print("note: model.derive_vocab applies to training from scratch; "
+                  "the vocabulary saved with model.checkpoint is used", file=sys.stderr)
+        return None, None
+    from hist_vlm.models.tokenization import build_vocab, read_vocab_file, write_vocab_file
+    from hist_vlm.text.pairs import composite_text
+
+    def texts():
+        for rec in records:
+            yield from rec.captions
+            for phrase, subject in rec.phrases:
+                yield phrase
+                yield subject
+            for i, j in rec.pairs:
+                yield composite_text(rec.phrases[i][0], rec.phrases[j][0])
+
+    vocab = build_vocab(texts())
+    path = run_dir / VOCAB_FILE
+    if resume and path.is_file() and read_vocab_file(path) != vocab:
+        raise ConfigError(f"{path} differs from the vocabulary of the current data.phrases: "
+                          "the training texts changed since this run started")
+    if is_main:
+        write_vocab_file(vocab, path)
+    barrier()
+    return vocab, path
