@@ -20,11 +20,15 @@ def ground(
     layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based."),
     head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
     combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
+    side_by_side: bool = typer.Option(True, "--side-by-side/--overlay-only",
+                                      help="Show the untouched image left of the overlay."),
+    alpha: float = typer.Option(0.8, "--alpha", min=0.0, max=1.0, help="Overlay opacity at the map's peak."),
 ) -> None:
     """Heatmap of where the model grounds TEXT in IMAGE.
 
-    The GradCAM map over the image, the top-4 points starred (the paper's Figure 3) and the
-    pointing-game point ringed.
+    The GradCAM map blended over the image by its value (low values leave the image as it
+    is), the top-4 points starred (the paper's Figure 3), the pointing-game point ringed, and
+    the untouched image beside it.
     """
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -42,5 +46,5 @@ def ground(
     source, _ = gradcam_source(config, checkpoint, layers, head, combine, device)
     pixels = source.preprocess(picture)[None]  # [1, 3, S, S]
     heat = source(pixels, [text], torch.zeros(1, dtype=torch.long))[0].cpu()  # [gh, gw]
-    points = save_heatmap(picture, heat, out, title=text)
+    points = save_heatmap(picture, heat, out, title=text, alpha=alpha, show_image=side_by_side)
     typer.echo(f"{out}  top-{len(points)} points (x, y): {points}")

@@ -1,6 +1,11 @@
 """Heatmap figures, as the paper's Figure 3: the GradCAM map over the image, with the top-4
 points (the multi-object prompt points, eval.pointing.top_k_points) as enlarged red stars.
 
+The map is blended pixel by pixel with an opacity that grows with its value (as LAVIS's
+`getAttMap`, https://github.com/salesforce/LAVIS/blob/main/lavis/common/gradcam.py): where the
+model does not look, the image shows untouched, so the colours a query names stay visible.
+Figures can also show the untouched image beside the overlay.
+
 matplotlib runs on the Agg backend (no display needed).
 """
 from __future__ import annotations
@@ -17,10 +22,34 @@ from hist_vlm.eval.pointing import TOP_K, pointing_point, top_k_points, upsample
 
 
 def display_map(heat: Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Raw map [gh, gw] -> [H, W] in [0, 1] for display: bicubic upsampling, then min-max."""
-    up = upsample_map(heat.detach().float().cpu(), size).numpy()
+    """Raw map [gh, gw] -> [H, W] in [0, 1] for display: bicubic upsampling clipped to the raw
+    map's range (bicubic rings below a lone peak: unclipped, the zero background would become
+    a faint positive tint everywhere), then min-max."""
+    raw = heat.detach().float().cpu()
+    up = upsample_map(raw, size).clamp(float(raw.min()), float(raw.max())).numpy()
     lo, hi = float(up.min()), float(up.max())
     return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+
+
+#: opacity = alpha * map ** BLEND_GAMMA: LAVIS's exponent, which lifts the middle of the map
+BLEND_GAMMA = 0.7
+
+
+def blend_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.8, cmap: str = "jet") -> np.ndarray:
+    """image [H, W, 3] uint8 + display map [H, W] in [0, 1] -> blended [H, W, 3] uint8.
+
+    Each pixel mixes the image with the colour map's colour with opacity `alpha * m**0.7`:
+    a zero map leaves the pixel exactly as it was, the peak is `alpha` opaque.
+    """
+    import matplotlib
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    m = np.clip(np.asarray(heat, dtype=np.float64), 0.0, 1.0)
+    colours = matplotlib.colormaps[cmap](m)[..., :3] * 255.0             # [H, W, 3]
+    opacity = (alpha * m**BLEND_GAMMA)[..., None]                         # [H, W, 1]
+    out = (1.0 - opacity) * np.asarray(image, dtype=np.float64)[..., :3] + opacity * colours
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _pyplot():
@@ -41,12 +70,13 @@ def draw_heatmap(
     k: int = TOP_K,
     boxes: Sequence[Sequence[float]] = (),
     box_format: str = "xyxy",
-    alpha: float = 0.5,
+    alpha: float = 0.8,
 ) -> list[tuple[int, int]]:
     """Draw the map over the image on a matplotlib axis; return the starred points (x, y).
 
-    The map is drawn at the image's own size; `boxes` (ground truth, optional) are outlined in
-    green; the pointing-game point is the ring-marked star.
+    The map is blended at the image's own size (`blend_heatmap`, peak opacity `alpha`);
+    `boxes` (ground truth, optional) are outlined in green; the pointing-game point is the
+    ring-marked star.
     """
     from matplotlib.patches import Rectangle
 
@@ -54,8 +84,7 @@ def draw_heatmap(
     w, h = image.size
     points = top_k_points(heat, (h, w), k)
     px, py = pointing_point(heat, (h, w))
-    ax.imshow(image)
-    ax.imshow(display_map(heat, (h, w)), cmap="jet", alpha=alpha, vmin=0, vmax=1)
+    ax.imshow(blend_heatmap(np.asarray(image), display_map(heat, (h, w)), alpha))
     for b in boxes:
         x1, y1, x2, y2 = b if box_format == "xyxy" else (b[0], b[1], b[0] + b[2], b[1] + b[3])
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.5))
@@ -68,6 +97,14 @@ def draw_heatmap(
     return points
 
 
+def draw_image(ax, image: Image.Image, *, title: str | None = None) -> None:
+    """The untouched image (no map, no marks), for a column beside the overlays."""
+    ax.imshow(image.convert("RGB"))
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
 def save_heatmap(
     image: Image.Image,
     heat: Tensor,
@@ -77,14 +114,19 @@ def save_heatmap(
     k: int = TOP_K,
     boxes: Sequence[Sequence[float]] = (),
     box_format: str = "xyxy",
-    alpha: float = 0.5,
+    alpha: float = 0.8,
     dpi: int = 150,
+    show_image: bool = False,
 ) -> list[tuple[int, int]]:
-    """Write one heatmap figure to `out` (PNG/PDF/... by suffix); return the starred points."""
+    """Write one heatmap figure to `out` (PNG/PDF/... by suffix); return the starred points.
+    `show_image`: the untouched image in a panel left of the overlay."""
     plt = _pyplot()
     w, h = image.size
-    fig, ax = plt.subplots(figsize=(4.0 * w / max(w, h), 4.0 * h / max(w, h)))
-    points = draw_heatmap(ax, image, heat, title=title, k=k, boxes=boxes, box_format=box_format, alpha=alpha)
+    panels = 2 if show_image else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.0 * panels * w / max(w, h), 4.0 * h / max(w, h)), squeeze=False)
+    if show_image:
+        draw_image(axes[0][0], image, title="image")
+    points = draw_heatmap(axes[0][-1], image, heat, title=title, k=k, boxes=boxes, box_format=box_format, alpha=alpha)
     _save(fig, out, dpi)
     return points
 
@@ -95,24 +137,51 @@ def save_heatmap_grid(
     out: str | Path,
     *,
     dpi: int = 120,
-) -> None:
-    """Side-by-side comparison: one row per (image, text, [map per column], boxes), one column
-    per model, so several models' maps of the same query sit next to each other."""
+    image_column: str | None = "image",
+    k: int = TOP_K,
+    box_format: str = "xyxy",
+    alpha: float = 0.8,
+) -> list[list[list[tuple[int, int]]]]:
+    """Side-by-side comparison: one row per (image, text, [map per model], boxes), one column
+    per model (any number), so several models' maps of the same query sit next to each other;
+    each overlay has the top-`k` points starred and the boxes drawn. `image_column` (its
+    title; None: no such column) puts the untouched image first, so the colours and shapes
+    the query names can be seen. Returns the starred points, [row][model] -> [(x, y), ...]."""
+    n_models = len(column_titles)
+    for r, (_, _, heats, _) in enumerate(rows):
+        if len(heats) != n_models:
+            raise ValueError(f"row {r} has {len(heats)} maps for {n_models} model columns")
     plt = _pyplot()
-    n_rows, n_cols = len(rows), len(column_titles)
+    lead = 0 if image_column is None else 1
+    n_rows, n_cols = len(rows), n_models + lead
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.8 * n_rows), squeeze=False)
+    points = []
     for r, (image, text, heats, boxes) in enumerate(rows):
+        caption = textwrap.fill(text, 30)
+        if lead:
+            draw_image(axes[r][0], image, title=f"{image_column}\n{caption}" if r == 0 else caption)
+        row_points = []
         for c, heat in enumerate(heats):
-            title = textwrap.fill(text, 30)
-            draw_heatmap(axes[r][c], image, heat, title=f"{column_titles[c]}\n{title}" if r == 0 else title,
-                         boxes=boxes)
+            title = f"{column_titles[c]}\n{caption}" if r == 0 else (None if lead else caption)
+            row_points.append(draw_heatmap(axes[r][lead + c], image, heat, title=title, k=k, boxes=boxes,
+                                           box_format=box_format, alpha=alpha))
+        points.append(row_points)
     _save(fig, out, dpi)
+    return points
 
 
 def _save(fig, out: str | Path, dpi: int) -> None:
+    """Rendered beside `out` and renamed into place: never a half-written figure."""
+    import os
+
     import matplotlib.pyplot as plt
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # the suffix picks the format
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
