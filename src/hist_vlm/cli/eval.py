@@ -1,5 +1,7 @@
 """`hist-vlm eval pointing`: the pointing game (and the synthetic world's multi-object metrics)
-of a trained checkpoint on RefCOCO+, ReferIt, Flickr30k Entities or the synthetic world."""
+of a trained checkpoint on RefCOCO+, ReferIt, Flickr30k Entities or the synthetic world.
+`hist-vlm eval retrieval`: image-text retrieval recall (ALBEF's protocol, docs/retrieval.md) on
+COCO / Flickr30k test files or the synthetic world's test captions."""
 from __future__ import annotations
 
 import json
@@ -26,23 +28,34 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combine, device, image_size=None):
-    """(map source, training config or None) from the CLI's model options. The config supplies
-    the backbone name and the GradCAM layer/head/combination of training, which the options
-    override. User mistakes become one-line errors."""
-    from hist_vlm.eval.runner import GradcamMaps, load_backbone
+def load_model(config: Optional[Path], checkpoint: Path, image_size=None):
+    """(backbone, training config or None) from the CLI's model options; the config names the
+    backbone. User mistakes become one-line errors."""
+    from hist_vlm.eval.runner import load_backbone
     from hist_vlm.train.config import ConfigError, load_config
 
     try:
         cfg = load_config(config) if config is not None else None
-        model = load_backbone(checkpoint, cfg.model.name if cfg else None, image_size)
-        if cfg is not None:
-            layers = layers or list(cfg.loss.capture_layers or [])
-            head = cfg.loss.capture_head if head is None else head
-            combine = combine or cfg.loss.capture_combine
+        return load_backbone(checkpoint, cfg.model.name if cfg else None, image_size), cfg
+    except (ConfigError, ValueError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combine, device, image_size=None):
+    """(map source, training config or None) from the CLI's model options. The config supplies
+    the backbone name and the GradCAM layer/head/combination of training, which the options
+    override. User mistakes become one-line errors."""
+    from hist_vlm.eval.runner import GradcamMaps
+
+    model, cfg = load_model(config, checkpoint, image_size)
+    if cfg is not None:
+        layers = layers or list(cfg.loss.capture_layers or [])
+        head = cfg.loss.capture_head if head is None else head
+        combine = combine or cfg.loss.capture_combine
+    try:
         return GradcamMaps(model, layers=layers, head=head, combine=combine or "mean",
                            device=resolve_device(device)), cfg
-    except (ConfigError, ValueError, OSError) as e:
+    except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
 
@@ -97,3 +110,68 @@ def pointing(
         summary_path = out.with_suffix(".summary.json")
         summary_path.write_text(json.dumps(report.summary(), indent=2) + "\n")
         typer.echo(f"per-query results: {out}; summary: {summary_path}")
+
+
+RETRIEVAL_DATA = ("coco", "flickr30k", "synthetic")
+
+
+def _last_line(error: Exception) -> str:
+    """The message of an error, without the worker traceback that a DataLoader worker's
+    re-raised error carries (its last line is "OSError: <message>")."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].split(": ", 1)[-1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+
+
+@eval_app.command("retrieval")
+def retrieval(
+    config: Path = typer.Argument(..., help="The training config YAML of the checkpoint."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth."),
+    data: str = typer.Option(..., "--data", help=f"One of: {', '.join(RETRIEVAL_DATA)}."),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="coco_test.json / flickr30k_test.json (ALBEF layout); synthetic: a captions JSONL, default RUN/world/captions_test.jsonl."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Where the image paths of --ann start (required for coco, flickr30k; synthetic: the world folder)."),
+    k_test: Optional[int] = typer.Option(None, "--k-test", min=1, help="Candidates re-ranked by ITM per query; default 256 (coco), 128 (flickr30k), 16 (synthetic)."),
+    score: str = typer.Option("itm", "--score", help="itm: ITM match logit (ALBEF) | itm+itc: plus the ITC cosine (BLIP's evaluation)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Metrics and per-query ranks, JSON (written atomically)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoding batch."),
+    itm_batch: int = typer.Option(256, "--itm-batch", min=1, help="(image, text) pairs per ITM fusion pass."),
+    max_length: int = typer.Option(30, "--max-length", min=1, help="Text tokens incl. [CLS] (ALBEF: 30)."),
+    num_workers: int = typer.Option(2, "--num-workers", min=0),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (ALBEF's retrieval: 384)."),
+) -> None:
+    """Image-text retrieval: TR@1/5/10, IR@1/5/10 and their means, after ITC ranking and ITM
+    re-ranking of the top k, as ALBEF's Retrieval.py evaluates."""
+    from hist_vlm.data.retrieval import CaptionFileError, read_caption_corpus, read_retrieval_test
+    from hist_vlm.eval.retrieval import DEFAULT_K, SCORES, evaluate_retrieval
+
+    if data not in RETRIEVAL_DATA:
+        raise typer.BadParameter(f"--data {data!r}: choose one of {', '.join(RETRIEVAL_DATA)}")
+    if score not in SCORES:
+        raise typer.BadParameter(f"--score {score!r}: choose one of {', '.join(SCORES)}")
+    if data != "synthetic" and ann is None:
+        raise typer.BadParameter(f"--ann is required for {data} (the {data}_test.json of ALBEF's layout)")
+    if data != "synthetic" and image_root is None:
+        raise typer.BadParameter(f"--image-root is required for {data}")
+    model, cfg = load_model(config, checkpoint, image_size)
+    if ann is None:
+        ann = Path(cfg.run.dir) / "world" / "captions_test.jsonl"
+    try:
+        reader = read_caption_corpus if data == "synthetic" else read_retrieval_test
+        corpus = reader(ann, image_root)
+    except CaptionFileError as e:
+        raise typer.BadParameter(str(e)) from None
+    k = k_test or DEFAULT_K[data]
+    dev = resolve_device(device)
+    typer.echo(f"{len(corpus.images)} images, {len(corpus.texts)} texts from {data} ({ann}); "
+               f"k_test {k}, score {score}, device {dev}")
+    try:
+        report = evaluate_retrieval(model, corpus, k_test=k, device=dev, batch_size=batch_size,
+                                    pair_batch=itm_batch, max_length=max_length, score=score,
+                                    num_workers=num_workers)
+    except OSError as e:  # a missing or unreadable image
+        raise typer.BadParameter(_last_line(e)) from None
+    for line in report.lines():
+        typer.echo(line)
+    if out is not None:
+        report.write_json(out, data=data, ann=str(ann), checkpoint=str(checkpoint))
+        typer.echo(f"results: {out}")

@@ -120,8 +120,11 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tensor:
-        with Image.open(self.paths[i]) as im:
-            return self.preprocess(im.convert("RGB"))
+        try:
+            with Image.open(self.paths[i]) as im:
+                return self.preprocess(im.convert("RGB"))
+        except OSError as e:
+            raise OSError(f"{self.paths[i]}: not a readable image ({e})") from None
 
 
 @torch.no_grad()
