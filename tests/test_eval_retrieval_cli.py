@@ -3,17 +3,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from hist_vlm.cli import app
 from hist_vlm.data.retrieval import CaptionFileError, read_caption_corpus, read_retrieval_test, read_retrieval_train
-from hist_vlm.data.synthetic import generate_world
-
-
-def _run(argv):
-    return CliRunner().invoke(app, argv, env={"COLUMNS": "400"})  # wide: no wrapped error boxes
+from test_eval_cli import _run, setup  # noqa: F401 - a tiny ALBEF checkpoint, its config and a synthetic world
 
 
 # ----------------------------------------------------------------------------- readers
@@ -70,34 +63,6 @@ def test_malformed_files_are_one_line_errors_naming_the_record(tmp_path, reader,
 
 
 # ----------------------------------------------------------------------------- the command
-
-TINY = """
-model:
-  name: albef
-  params: {image_size: 32, patch_size: 8, vision_width: 32, vision_depth: 2, vision_heads: 2,
-           text_width: 32, text_layers: 3, text_heads: 2, text_intermediate_size: 64,
-           fusion_layer: 1, embed_dim: 16, momentum: false, max_position_embeddings: 40}
-run:
-  dir: RUNDIR
-"""
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from hist_vlm.models import build_backbone
-    from hist_vlm.train.config import load_config
-
-    root = tmp_path_factory.mktemp("cli")
-    config = root / "tiny.yaml"
-    config.write_text(TINY.replace("RUNDIR", str(root / "run")))
-    torch.manual_seed(0)
-    model = build_backbone("albef", load_config(config).model.params)
-    ckpt = root / "run" / "checkpoints" / "step-00000010"
-    model.save_pretrained(ckpt / "model")
-    generate_world(root / "run" / "world", n_train=0, n_val=0, n_test=4, image_size=32, seed=3, progress=False)
-    return root, config, ckpt
-
-
 def test_eval_retrieval_on_the_synthetic_world(setup):
     root, config, ckpt = setup
     out = root / "res" / "retrieval.json"
@@ -106,12 +71,13 @@ def test_eval_retrieval_on_the_synthetic_world(setup):
     assert res.exit_code == 0, res.output
     world = root / "run" / "world"
     corpus = read_caption_corpus(world / "captions_test.jsonl")
-    assert f"4 images, {len(corpus.texts)} texts from synthetic" in res.output and "k_test 2, score itm" in res.output
+    n = len(corpus.images)
+    assert f"{n} images, {len(corpus.texts)} texts from synthetic" in res.output and "k_test 2, score itm" in res.output
     assert "TR@1" in res.output and "ITM top-2" in res.output
     result = json.loads(out.read_text())
-    assert (result["n_images"], result["n_texts"], result["k_test"], result["data"]) == (4, len(corpus.texts), 2, "synthetic")
+    assert (result["n_images"], result["n_texts"], result["k_test"], result["data"]) == (n, len(corpus.texts), 2, "synthetic")
     i2t, t2i = (np.array(result["ranks"][key]) for key in ("image_to_text", "text_to_image"))
-    assert i2t.shape == (4,) and t2i.shape == (len(corpus.texts),)
+    assert i2t.shape == (n,) and t2i.shape == (len(corpus.texts),)
     # the written metrics are the recall of the written ranks
     assert result["metrics"]["txt_r1"] == pytest.approx(100 * np.mean(i2t < 1))
     assert result["metrics"]["img_r5"] == pytest.approx(100 * np.mean(t2i < 5))

@@ -17,6 +17,12 @@ app.add_typer(eval_app, name="eval")
 
 BENCHMARKS = ("refcoco+", "refclef", "flickr30k", "synthetic")
 
+# the model options every eval command shares (typer reads these defaults per command)
+CONFIG = typer.Argument(..., help="The training config YAML of the checkpoint.")
+CHECKPOINT = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth.")
+NUM_WORKERS = typer.Option(2, "--num-workers", min=0, help="DataLoader workers that load images.")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
+
 
 def resolve_device(device: str) -> str:
     import torch
@@ -61,8 +67,8 @@ def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combi
 
 @eval_app.command("pointing")
 def pointing(
-    config: Path = typer.Argument(..., help="The training config YAML of the checkpoint."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth."),
+    config: Path = CONFIG,
+    checkpoint: Path = CHECKPOINT,
     data: str = typer.Option(..., "--data", help=f"One of: {', '.join(BENCHMARKS)}."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Benchmark folder (synthetic: default RUN/world)."),
     ann: list[Path] = typer.Option([], "--ann", help="RefCOCO+/ReferIt test json(s); default: <name>_*val*/*test*.json in --data-root."),
@@ -70,8 +76,8 @@ def pointing(
     split: list[str] = typer.Option([], "--split", help="Only these splits (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Per-query results, JSONL."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    num_workers: int = typer.Option(2, "--num-workers", min=0),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    num_workers: int = NUM_WORKERS,
+    device: str = DEVICE,
     layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based; default: the config's loss.capture_layers."),
     head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
     combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
@@ -124,8 +130,8 @@ def _last_line(error: Exception) -> str:
 
 @eval_app.command("retrieval")
 def retrieval(
-    config: Path = typer.Argument(..., help="The training config YAML of the checkpoint."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth."),
+    config: Path = CONFIG,
+    checkpoint: Path = CHECKPOINT,
     data: str = typer.Option(..., "--data", help=f"One of: {', '.join(RETRIEVAL_DATA)}."),
     ann: Optional[Path] = typer.Option(None, "--ann", help="coco_test.json / flickr30k_test.json (ALBEF layout); synthetic: a captions JSONL, default RUN/world/captions_test.jsonl."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Where the image paths of --ann start (required for coco, flickr30k; synthetic: the world folder)."),
@@ -135,8 +141,8 @@ def retrieval(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per encoding batch."),
     itm_batch: int = typer.Option(256, "--itm-batch", min=1, help="(image, text) pairs per ITM fusion pass."),
     max_length: int = typer.Option(30, "--max-length", min=1, help="Text tokens incl. [CLS] (ALBEF: 30)."),
-    num_workers: int = typer.Option(2, "--num-workers", min=0),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    num_workers: int = NUM_WORKERS,
+    device: str = DEVICE,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (ALBEF's retrieval: 384)."),
 ) -> None:
     """Image-text retrieval: TR@1/5/10, IR@1/5/10 and their means, after ITC ranking and ITM
