@@ -15,7 +15,7 @@ def ground(
     text: str = typer.Argument(..., help='What to find, e.g. "a dog and a frisbee".'),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth."),
     out: Path = typer.Option(Path("heat.png"), "--out", help="The figure (PNG, PDF, ...)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Training config YAML (for its GradCAM layer/head)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training preset name or config YAML (for its GradCAM layer/head)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
     layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based."),
     head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
