@@ -37,7 +37,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
 def test_missing_config_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)])
     assert res.exit_code == 2
-    assert "config not found" in res.output
+    assert "config file not found" in res.output and "presets: " in res.output
 
 
 def test_table_reports_mean_and_sample_std_in_percent():
