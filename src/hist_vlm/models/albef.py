@@ -45,6 +45,9 @@ _ALIASES = {
 }
 
 
+INITS = ("bert", "fan_in")
+
+
 @dataclass
 class AlbefConfig:
     """Every size of the model. The defaults are ALBEF-base (ViT-B/16 + BERT-base, fusion at 6)."""
@@ -70,6 +73,11 @@ class AlbefConfig:
     attention_dropout: float = 0.1
     text_layer_norm_eps: float = 1e-12
     max_length: int | None = 25    # default tokenizer truncation, counts [CLS]
+    #: initialisation of a model trained from scratch: "bert" = normal(0, 0.02) for every
+    #: Linear (BERT/timm, tuned for width 768); "fan_in" = normal(0, 1/sqrt(fan_in)), which
+    #: keeps each layer's residual branch at the scale of its input at any width (at width 64
+    #: std 0.02 makes every layer nearly the identity and all texts one feature)
+    init: str = "bert"
     vocab_file: str | None = None  # None: bert-base-uncased from the pinned vocab package
 
     def __post_init__(self) -> None:
@@ -79,6 +87,8 @@ class AlbefConfig:
             raise ValueError("vision_width/text_width must be multiples of vision_heads/text_heads")
         if not 0 <= self.fusion_layer < self.text_layers:
             raise ValueError(f"fusion_layer must be in [0, {self.text_layers}), got {self.fusion_layer}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r} (choose from {INITS})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlbefConfig":
@@ -312,6 +322,14 @@ def _init_bert(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _init_fan_in(module: nn.Module) -> None:
+    """normal(0, 1/sqrt(fan_in)) for every Linear, zero bias (AlbefConfig.init = "fan_in")."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class _Towers(NamedTuple):
     visual: VisionTransformer
     text: AlbefTextEncoder
@@ -416,6 +434,8 @@ class AlbefModel(_AlbefProtocol):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text_width, 2)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        if cfg.init == "fan_in":
+            self.apply(_init_fan_in)
         if cfg.momentum:
             for name in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
                 twin = copy.deepcopy(getattr(self, name)).requires_grad_(False)
