@@ -222,20 +222,20 @@ def test_default_capture_layer_is_the_third_cross_attention_layer():
 def test_fan_in_init_scales_every_linear_and_separates_texts():
     """init="fan_in": each Linear ~ normal(0, 1/sqrt(fan_in)); at small width the default BERT
     std (0.02) leaves every layer near the identity, so different captions share one feature."""
-    def text_cosine(m):  # the least separated pair of captions, on the text [CLS]
+    def text_cosine(m):  # mean over pairs of different captions, on the text [CLS]
         ids, mask = m.tokenize(CAPTIONS)
         with torch.no_grad():
             f = torch.nn.functional.normalize(m.encode_text(ids, mask)[:, 0], dim=1)
         c = f @ f.t()
-        return c[~torch.eye(len(CAPTIONS), dtype=torch.bool)].max().item()
+        return c[~torch.eye(len(CAPTIONS), dtype=torch.bool)].mean().item()
 
-    fan_in, bert = tiny(init="fan_in"), tiny()
+    fan_in, bert = tiny(init="fan_in").eval(), tiny().eval()
     q = fan_in.text_encoder.bert.encoder.layer[3].crossattention.self.key  # [32, 32 (vision)]
     assert abs(q.weight.std().item() - q.in_features ** -0.5) < 0.03
     fc = fan_in.visual_encoder.blocks[0].mlp.fc2                            # fan_in 128
     assert abs(fc.weight.std().item() - fc.in_features ** -0.5) < 0.01
     assert bert.text_encoder.bert.encoder.layer[3].crossattention.self.key.weight.std().item() < 0.025
     torch.testing.assert_close(fan_in.text_encoder_m.bert.encoder.layer[3].crossattention.self.key.weight, q.weight)
-    assert text_cosine(bert) > 0.75 > text_cosine(fan_in) + 0.15
+    assert text_cosine(bert) > 0.999 and text_cosine(fan_in) < 0.8
     with pytest.raises(ValueError, match="unknown init"):
         AlbefConfig(**TINY, init="xavier")
