@@ -147,3 +147,46 @@ def test_one_fusion_pass_for_all_itm_terms_equals_separate_passes(name):
     merged = itm_losses(model, img, blocks)
     separate = [itm_losses(model, img, [blk])[0] for blk in blocks]
     torch.testing.assert_close(torch.stack(merged), torch.stack(separate))
+
+
+def test_addition_loss_normalisations_by_value():
+    g = torch.Generator().manual_seed(3)
+    g_i, g_j, g_ij = (torch.rand(2, 3, 3, generator=g) for _ in range(3))
+
+    def mm(x):  # per-map min-max, written out
+        lo = x.flatten(1).min(1).values[:, None, None]
+        hi = x.flatten(1).max(1).values[:, None, None]
+        return (x - lo) / (hi - lo)
+
+    want_mm = (mm(g_i) + mm(g_j) - mm(g_ij)).abs().sum((1, 2)).mean()
+    torch.testing.assert_close(addition_loss(g_i, g_j, g_ij, normalize="minmax"), want_mm)
+    p = (g_i + g_j) / (g_i + g_j).sum((1, 2), keepdim=True)
+    q = g_ij / g_ij.sum((1, 2), keepdim=True)
+    torch.testing.assert_close(addition_loss(g_i, g_j, g_ij, normalize="distribution"), (p - q).abs().sum((1, 2)).mean())
+    # distribution: free of the scale of either side (shrinking every map changes nothing) ...
+    torch.testing.assert_close(addition_loss(0.01 * g_i, 0.01 * g_j, 5 * g_ij, normalize="distribution"),
+                               addition_loss(g_i, g_j, g_ij, normalize="distribution"))
+    # ... while the raw formula is lowered by shrinking all three maps
+    assert addition_loss(0.01 * g_i, 0.01 * g_j, 0.01 * g_ij) < addition_loss(g_i, g_j, g_ij)
+    # a composite that looks where its parts look together, at any scale, costs nothing
+    assert addition_loss(g_i, g_j, 0.5 * (g_i + g_j), normalize="distribution") < 1e-6
+    with pytest.raises(ValueError, match="add_normalize"):
+        HistLossConfig(add_normalize="softmax")
+
+
+def test_gradcam_minmax_option_scales_each_map_to_unit_range():
+    from hist_vlm.losses.gradcam import gradcam_maps
+
+    model = tiny_albef().eval()
+    batch = hist_batch(model)
+    with torch.no_grad():
+        image_embeds = model.encode_image(batch.pixel_values)
+    raw = gradcam_maps(model, image_embeds, batch.phrases, layers=[0])
+    mm = gradcam_maps(model, image_embeds, batch.phrases, layers=[0], normalize="minmax")
+    lo = raw.flatten(1).min(1).values[:, None, None]
+    hi = raw.flatten(1).max(1).values[:, None, None]
+    torch.testing.assert_close(mm, (raw - lo) / (hi - lo))
+    assert torch.allclose(mm.flatten(1).max(1).values, torch.ones(len(mm)))
+    assert torch.allclose(mm.flatten(1).min(1).values, torch.zeros(len(mm)))
+    with pytest.raises(ValueError, match="normalisation"):
+        gradcam_maps(model, image_embeds, batch.phrases, layers=[0], normalize="l2")

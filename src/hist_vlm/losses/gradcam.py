@@ -23,6 +23,16 @@ from hist_vlm.models.base import TextRows, VisionLanguageBackbone
 
 RECIPES = ("reference", "train")
 COMBINES = ("mean", "product")
+NORMALIZES = ("none", "minmax")
+
+
+def minmax_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Per-map min-max to [0, 1] (SelfEQ normalises its GradCAM maps this way): [N, ...] -> [N, ...].
+    Differentiable; a constant map becomes 0."""
+    flat = maps.flatten(1)
+    lo = flat.min(1, keepdim=True).values
+    hi = flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp(min=eps)).view_as(maps)
 
 
 def _token_mean(maps: Tensor, attention_mask: Tensor, recipe: str) -> Tensor:
@@ -45,6 +55,7 @@ def gradcam_maps(
     recipe: str = "train",
     create_graph: bool = False,
     text_embeds: Tensor | None = None,
+    normalize: str = "none",
 ) -> Tensor:
     """GradCAM maps of `rows` against `image_embeds[rows.image_index]`: [N, gh, gw].
 
@@ -54,7 +65,10 @@ def gradcam_maps(
     recipe   "reference" or "train" (module doc)
     create_graph  keep the maps differentiable (training losses); False for evaluation
     text_embeds   optional `encode_text` output to reuse (ALBEF); BLIP ignores it
+    normalize     "none" (raw maps) or "minmax" (each map scaled to [0, 1], `minmax_maps`)
     """
+    if normalize not in NORMALIZES:
+        raise ValueError(f"unknown map normalisation {normalize!r} (choose from {NORMALIZES})")
     if recipe not in RECIPES:
         raise ValueError(f"unknown GradCAM recipe {recipe!r} (choose from {RECIPES})")
     if combine not in COMBINES:
@@ -90,4 +104,6 @@ def gradcam_maps(
     stacked = torch.stack(per_layer)  # [L, N, P]
     maps = stacked.mean(0) if combine == "mean" else stacked.prod(0)
     maps = maps.reshape(len(rows), gh, gw)
+    if normalize == "minmax":
+        maps = minmax_maps(maps)
     return maps if create_graph else maps.detach()

@@ -4,7 +4,18 @@ L_vl      ITC + ITM + MLM (ALBEF) / LM (BLIP) on (image, caption)
 L_phrase  ITC + ITM + MLM/LM on (image, noun phrase C_i)
 L_subject ITC + ITM on (image, subject S_i)
 L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`train` recipe,
-          create_graph=True) of C_i, C_j and "C_i and C_j" from ONE autograd.grad call
+          create_graph=True) of C_i, C_j and "C_i and C_j" from ONE autograd.grad call.
+          `add_normalize` says what G is (the paper's formula says nothing about scale):
+            none          raw maps, the paper's formula as written. Raw maps are small (their
+                          sum over patches ~1e-2..1e-1 on the tiny demo model, ~1e-3 on ALBEF-base
+                          scale): the term is orders of magnitude below ITC, and G = 0 is a
+                          trivial minimum; with the token-mean recipe a composite's map is
+                          a mean over twice the tokens, so it is NOT naturally G_i + G_j
+            minmax        each map min-max scaled to [0, 1] first (SelfEQ's normalisation)
+            distribution  each side scaled to sum 1: |(G_i + G_j) / sum(G_i + G_j) - G_ij / sum(G_ij)|,
+                          the L1 distance (in [0, 2]) between where the composite looks and where
+                          its parts look together; free of the map scale and of the token count,
+                          and shrinking the maps cannot lower it
 
 Schedules w(t), t = epochs elapsed (float):
   paper     the paper's L = a L_vl + (1-a)(L_vl + L_HIST), a rising 0 -> 1 over the first two
@@ -25,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from hist_vlm.losses.distributed import gather_no_grad, global_mean, local_shard, world
-from hist_vlm.losses.gradcam import gradcam_maps
+from hist_vlm.losses.gradcam import gradcam_maps, minmax_maps
 from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
 from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
@@ -33,6 +44,7 @@ from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import HistBatch, TextRows, VisionLanguageBackbone
 
 SCHEDULES = ("paper", "constant", "off")
+ADD_NORMALIZES = ("none", "minmax", "distribution")
 
 
 @dataclass
@@ -41,6 +53,7 @@ class HistLossConfig:
     lambda_phrase: float = 1.0
     lambda_subject: float = 1.0
     lambda_add: float = 1.0
+    add_normalize: str = "none"            # what the addition loss compares (module doc)
     #: cross-attention layers (0-based) for the addition-loss GradCAM; None = the backbone's
     #: `default_capture_layer` (ALBEF: 2 = BERT layer 8; BLIP: 8 = the paper's 9th layer)
     capture_layers: tuple[int, ...] | None = None
@@ -61,6 +74,8 @@ class HistLossConfig:
             raise ValueError(f"unknown HIST schedule {self.schedule!r} (choose from {SCHEDULES})")
         if self.capture_combine not in ("mean", "product"):
             raise ValueError(f"unknown capture_combine {self.capture_combine!r} (mean or product)")
+        if self.add_normalize not in ADD_NORMALIZES:
+            raise ValueError(f"unknown add_normalize {self.add_normalize!r} (choose from {ADD_NORMALIZES})")
 
 
 def hist_weight(schedule: str, progress: float, ramp_epochs: float = 2.0) -> float:
@@ -72,9 +87,17 @@ def hist_weight(schedule: str, progress: float, ramp_epochs: float = 2.0) -> flo
     return 1.0 - min(1.0, max(0.0, progress) / ramp_epochs)
 
 
-def addition_loss(g_i: Tensor, g_j: Tensor, g_ij: Tensor) -> Tensor:
-    """sum over patches |G_i + G_j - G_ij|, averaged over pairs (all ranks): [n, gh, gw] x3 -> scalar."""
-    return global_mean((g_i + g_j - g_ij).abs().sum((1, 2)))
+def addition_loss(g_i: Tensor, g_j: Tensor, g_ij: Tensor, normalize: str = "none", eps: float = 1e-12) -> Tensor:
+    """sum over patches |G_i + G_j - G_ij|, averaged over pairs (all ranks): [n, gh, gw] x3 -> scalar.
+    `normalize` (module doc): "none", "minmax" (each map to [0, 1] first) or "distribution"
+    (the parts' sum and the composite each scaled to sum 1)."""
+    if normalize == "minmax":
+        g_i, g_j, g_ij = (minmax_maps(g) for g in (g_i, g_j, g_ij))
+    parts = g_i + g_j
+    if normalize == "distribution":
+        parts = parts / (parts.sum((1, 2), keepdim=True) + eps)
+        g_ij = g_ij / (g_ij.sum((1, 2), keepdim=True) + eps)
+    return global_mean((parts - g_ij).abs().sum((1, 2)))
 
 
 @dataclass
@@ -199,7 +222,7 @@ class HistLoss(nn.Module):
             model, image_embeds, rows, layers=self.capture_layers, head=self.config.capture_head,
             combine=self.config.capture_combine, recipe="train", create_graph=True,
         )  # [3n, gh, gw]
-        return addition_loss(*maps.split(n))
+        return addition_loss(*maps.split(n), normalize=self.config.add_normalize)
 
     # ---------------------------------------------------------------- forward
     def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
