@@ -5,7 +5,8 @@ evaluation (`--checkpoint`), so both accept exactly the same paths:
 - a training checkpoint `RUN/checkpoints/step-N` (its `model/` folder is used; for a backbone
   without `save_pretrained`, BLIP today, `model/` holds the wrapper's full state + its build config),
 - an official ALBEF / SelfEQ `.pth` file,
-- a transformers `BlipForImageTextRetrieval` folder.
+- a transformers `BlipForImageTextRetrieval` folder,
+- the name of a model shipped in the package (`demo_base`: the demo's pretrained tiny ALBEF).
 
 Anything else is an error naming what was expected, never a randomly initialised model.
 """
@@ -21,6 +22,19 @@ EXPECTED = (
 )
 _CONFIG = "config.json"
 _WEIGHTS = "model.safetensors"
+
+
+#: models shipped as package data, found by name from any directory
+PACKAGED = {"demo_base": Path(__file__).resolve().parent.parent / "demo_base"}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`path` itself when it exists, else the packaged model of that name, else `path`
+    (the caller reports it as not found)."""
+    path = Path(path)
+    if not path.exists() and str(path) in PACKAGED:
+        return PACKAGED[str(path)]
+    return path
 
 
 def model_folder(path: str | Path) -> Path:
@@ -64,7 +78,7 @@ def load_pretrained(
     describes itself and ignores them. `image_size` builds an official `.pth` at that
     resolution (position embeddings interpolated), as ALBEF evaluates RefCOCO+ at 384 px.
     """
-    path = Path(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     path = model_folder(path)

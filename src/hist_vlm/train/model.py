@@ -29,9 +29,9 @@ def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = Non
     if cfg.checkpoint is None:
         derived = {"vocab_file": str(vocab_file), "vocab_size": len(vocab)} if vocab is not None else {}
         return build_backbone(cfg.name, {**cfg.params, "image_size": image_size, **derived})
-    from hist_vlm.models.loading import checkpoint_backbone, load_pretrained
+    from hist_vlm.models.loading import checkpoint_backbone, load_pretrained, resolve_checkpoint
 
-    path = Path(cfg.checkpoint)
+    path = resolve_checkpoint(cfg.checkpoint)
     if not path.exists():
         raise ConfigError(f"model.checkpoint not found: {path}")
     try:
