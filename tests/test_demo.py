@@ -6,15 +6,14 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
-from hist_vlm.demo import METRICS, format_table, write_vocab
+from hist_vlm.demo import ABLATION, METRICS, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_quick_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--quick", "--config", str(REPO / "configs/demo_tiny.yaml"),
-                                   "--out", str(out)])
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output
     # the real pipeline left its files: world, parse output with pairs, both runs, eval results
     phrases = [json.loads(l) for l in (out / "world" / "phrases_train.jsonl").open()]
@@ -27,6 +26,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
         assert (weight == 0) if variant == "baseline" else (weight > 0)
         assert sum(1 for _ in (run / "eval_test.jsonl").open()) > 0
     metrics = json.loads((out / "results.json").read_text())
+    assert set(metrics) == {"base", "baseline", "hist"}
     for variant in ("baseline", "hist"):
         for key, _ in METRICS:
             assert len(metrics[variant][key]) == 1 and 0.0 <= metrics[variant][key][0] <= 1.0
@@ -40,17 +40,20 @@ def test_missing_config_is_a_one_line_error(tmp_path):
     assert "config file not found" in res.output and "presets: " in res.output
 
 
-def test_table_reports_mean_and_sample_std_in_percent():
+def test_table_reports_base_mean_std_and_paired_differences_in_percent():
     metrics = {v: {k: [0.1, 0.3] for k, _ in METRICS} for v in ("baseline", "hist")}
-    metrics["hist"]["pointing"] = [0.5, float("nan")]
-    table = format_table(metrics, 2)
-    assert "| single-phrase pointing | 20.0 ± 14.1 | 50.0 ± 0.0 |" in table
+    metrics["hist"]["pointing"] = [0.5, 0.4]
+    base = {k: 0.25 for k, _ in METRICS}
+    table = format_table(metrics, base)
+    # paired: (0.5 - 0.1, 0.4 - 0.3) = (+40, +10) -> 25.0 ± 21.2
+    assert "| single-phrase pointing | 25.0 | 20.0 ± 14.1 | 45.0 ± 7.1 | 25.0 ± 21.2 | +40.0, +10.0 |" in table
+    assert "| composite both-hit (top-4) | 25.0 | 20.0 ± 14.1 | 20.0 ± 14.1 | 0.0 ± 0.0 | +0.0, +0.0 |" in table
 
 
-def test_vocab_holds_special_tokens_and_every_cleaned_caption_word(tmp_path):
-    captions = tmp_path / "c.jsonl"
-    captions.write_text(json.dumps({"image": "a.png", "captions": ["A Red circle, left of a star."]}) + "\n")
-    n = write_vocab(captions, tmp_path / "vocab.txt")
-    vocab = (tmp_path / "vocab.txt").read_text().split()
-    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    assert set(vocab[5:]) == {"a", "red", "circle", "left", "of", "star"} and n == len(vocab)
+def test_ablation_table_has_a_row_per_variant_after_the_base():
+    metrics = {v: {k: [0.1 * (i + 1)] for k, _ in METRICS} for i, v in enumerate(ABLATION)}
+    lines = format_table(metrics, {k: 0.05 for k, _ in METRICS}, ABLATION).splitlines()
+    assert lines[2] == "| base (no fine-tuning) | 5.0 | 5.0 | 5.0 |"
+    assert [line.split(" | ")[0] for line in lines[3:]] == [
+        "| baseline", "| + phrase", "| + phrase + addition", "| HIST (+ phrase + addition + subject)"]
+    assert lines[-1].endswith("| 40.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 0.0 |")

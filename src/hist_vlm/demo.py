@@ -1,22 +1,45 @@
-"""The main job: the same tiny model trained with and without HIST on the synthetic world.
+"""The main job: fine-tune a small pretrained base with and without HIST, as the paper does.
+
+The paper never trains from scratch: it fine-tunes a model that already grounds (ALBEF, BLIP)
+and shows that the HIST losses make composite queries "A and B" cover both objects. The demo
+has the same shape in the synthetic world:
+
+  base      a tiny ALBEF pretrained with the baseline losses (`demo_pretrain` preset), shipped
+            in the package (`hist_vlm/demo_base/`); `hist-vlm demo --pretrain` rebuilds it
+  baseline  the base fine-tuned with ITC + ITM + MLM on captions (`loss.schedule=off`)
+  HIST      the same fine-tuning plus the phrase, subject and addition losses
 
 Every step is the real pipeline a user runs by hand: `generate_world` writes images and a
 captions JSONL, the caption reader + spaCy parser + Algorithm 1 (`hist-vlm parse`) turn it into
-phrases and pairs, `hist_vlm.train.train` trains from that file, and the grounding runner
-(`hist-vlm eval pointing`) scores the test split. Baseline and HIST start from the same
-initialisation (same seed) and see the same batches; only `loss.schedule` differs.
+phrases and pairs, `hist_vlm.train.train` fine-tunes from that file, and the grounding runner
+(`hist-vlm eval pointing`) scores the test split. Baseline and HIST start from the same weights,
+see the same batches with the same seed and run the same number of steps; only the loss differs.
 """
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-VARIANTS = ("baseline", "hist")
+#: the shipped pretrained base (package data): model.safetensors, config.json, vocab.txt, recipe.json
+DEMO_BASE = Path(__file__).resolve().parent / "demo_base"
+PRETRAIN_PRESET = "demo_pretrain"
+FINETUNE_PRESET = "demo_finetune"
+
+#: (name, label, loss overrides): the main comparison, then the paper's Table 6 ablation
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "baseline": ("baseline", ("loss.schedule=off",)),
+    "phrase": ("+ phrase", ("loss.lambda_subject=0", "loss.lambda_add=0")),
+    "phrase_add": ("+ phrase + addition", ("loss.lambda_subject=0",)),
+    "hist": ("HIST (+ phrase + addition + subject)", ()),
+}
+MAIN = ("baseline", "hist")
+ABLATION = ("baseline", "phrase", "phrase_add", "hist")
 #: test-split metrics reported by the demo: (key in EvalReport.summary(), label)
 METRICS = (
     ("pointing", "single-phrase pointing"),
@@ -29,15 +52,17 @@ METRICS = (
 class DemoSettings:
     """Sizes of one demo run. `quick()` is the test-suite variant (one seed, smaller)."""
 
-    config: Path                       # training preset (configs/demo_tiny.yaml)
+    config: Path                       # fine-tuning preset (demo_finetune)
+    base: Path = DEMO_BASE             # the pretrained model both variants start from
     out_dir: Path = Path("demo_out")
     seeds: tuple[int, ...] = (0, 1, 2)
-    n_train: int = 512
+    n_train: int = 2048
     n_test: int = 128
     image_size: int = 64
     world_seed: int = 0
     hist_schedule: str = "paper"
-    overrides: list[str] = field(default_factory=list)   # extra key=value for both variants
+    variants: tuple[str, ...] = MAIN
+    overrides: list[str] = field(default_factory=list)   # extra key=value for every variant
 
     @classmethod
     def quick(cls, config: Path, out_dir: Path) -> "DemoSettings":
@@ -49,33 +74,12 @@ class DemoSettings:
 class DemoResult:
     table: str                                  # the markdown table printed at the end
     metrics: dict[str, dict[str, list[float]]]  # variant -> metric -> one value per seed
+    base_metrics: dict[str, float]              # the base model itself, not fine-tuned
     figure: Path
 
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def write_vocab(caption_file: Path, out: Path) -> int:
-    """A WordPiece vocabulary of the training captions' words (ALBEF's cleaning), for a model
-    trained from scratch: the demo world has ~60 words, and an MLM head over bert-base's 30,522
-    would cost most of a tiny model's step. Returns the vocabulary size."""
-    import re
-
-    from hist_vlm.data.captions import read_captions
-    from hist_vlm.models.tokenization import pre_caption
-
-    words: set[str] = set()
-    for _, captions in read_captions(caption_file, "jsonl"):
-        for caption in captions:
-            words.update(re.findall(r"\w+|[^\w\s]", pre_caption(caption)))
-    vocab = [*SPECIAL_TOKENS, *sorted(words)]
-    out.write_text("\n".join(vocab) + "\n")
-    return len(vocab)
-
-
 def prepare_world(settings: DemoSettings) -> tuple[Path, Path]:
-    """Synthetic world + parsed training captions + their vocabulary, built once and reused:
-    (phrases, world dir)."""
+    """Synthetic world + parsed training captions, built once and reused: (phrases, world dir)."""
     from hist_vlm.data.captions import read_captions
     from hist_vlm.data.synthetic import generate_world
     from hist_vlm.text.corpus import atomic_write_jsonl, parse_images
@@ -92,7 +96,6 @@ def prepare_world(settings: DemoSettings) -> tuple[Path, Path]:
                            image_size=settings.image_size, seed=settings.world_seed)
     images = read_captions(paths.captions["train"], "jsonl")
     atomic_write_jsonl(phrases, parse_images(images, SpacyParser(), seed=settings.world_seed))
-    write_vocab(paths.captions["train"], world / "vocab.txt")
     stamp.write_text(json.dumps(want))
     return phrases, world
 
@@ -103,14 +106,13 @@ def _train_config(settings: DemoSettings, variant: str, seed: int, phrases: Path
     overrides = [
         f"run.dir={settings.out_dir / 'runs' / f'{variant}-seed{seed}'}",
         f"run.seed={seed}",
+        f"model.checkpoint={settings.base}",
         "data.synthetic.enabled=false",
         f"data.phrases={phrases}",
         f"data.image_root={world}",
         f"data.image_size={settings.image_size}",
-        f"model.params.image_size={settings.image_size}",
-        f"model.params.vocab_file={world / 'vocab.txt'}",
-        f"model.params.vocab_size={len((world / 'vocab.txt').read_text().split())}",
-        f"loss.schedule={'off' if variant == 'baseline' else settings.hist_schedule}",
+        f"loss.schedule={settings.hist_schedule}",
+        *VARIANTS[variant][1],
         *settings.overrides,
     ]
     return load_config(settings.config, overrides)
@@ -118,8 +120,6 @@ def _train_config(settings: DemoSettings, variant: str, seed: int, phrases: Path
 
 def _train_and_load(cfg):
     """Train (or reuse a finished run of the same config) and return the final model."""
-    import shutil
-
     from hist_vlm.eval.runner import load_backbone
     from hist_vlm.train.checkpoint import latest_checkpoint
     from hist_vlm.train.loop import train
@@ -133,55 +133,128 @@ def _train_and_load(cfg):
     return load_backbone(latest_checkpoint(run_dir))
 
 
-def run_demo(settings: DemoSettings) -> DemoResult:
-    from hist_vlm.data.grounding import read_synthetic
+def pretrain_base(out_dir: Path, overrides: list[str] = ()) -> Path:
+    """Rebuild the demo's base: train the `demo_pretrain` preset (from scratch, baseline
+    losses) and package its final model as `OUT/base` (`package_base`). Copy that folder over
+    `hist_vlm/demo_base/` to ship it."""
+    from hist_vlm.train.config import load_config
+    from hist_vlm.train.loop import train
+
+    run_dir = out_dir / "pretrain"
+    cfg = load_config(PRETRAIN_PRESET, [f"run.dir={run_dir}", *overrides])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    result = train(cfg, progress=True)
+    command = " ".join(["hist-vlm demo --pretrain", *(f"--set {o}" for o in overrides)])
+    return package_base(result.checkpoint, out_dir / "base", command)
+
+
+def package_base(checkpoint: Path, out: Path, command: str) -> Path:
+    """A self-contained base folder from a training checkpoint: its model (weights, config,
+    vocabulary) plus `recipe.json` (the command, the run's config and final log line).
+    Written beside `out` and renamed, so a failed copy never leaves half a base."""
+    run_dir = checkpoint.parent.parent
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint / "model", tmp)
+    import yaml
+
+    recipe = {"command": command, "preset": PRETRAIN_PRESET, "checkpoint": checkpoint.name,
+              "config": yaml.safe_load((run_dir / "config.yaml").read_text()), "final_log": log[-1] if log else {}}
+    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _evaluate(model, cfg, records, out: Path):
+    """(test-split summary, the GradcamMaps source) with the run's GradCAM layer/head."""
     from hist_vlm.eval.runner import GradcamMaps, evaluate
 
+    source = GradcamMaps(model, layers=cfg.loss.capture_layers, head=cfg.loss.capture_head,
+                         combine=cfg.loss.capture_combine)
+    report = evaluate(records, source, batch_size=64, progress=False, out=out)
+    return report.summary()["test"], source
+
+
+def run_demo(settings: DemoSettings) -> DemoResult:
+    from hist_vlm.data.grounding import read_synthetic
+    from hist_vlm.eval.runner import load_backbone
+
+    from hist_vlm.models.loading import model_folder
+
+    if not (model_folder(settings.base) / "config.json").is_file():
+        from hist_vlm.train.config import ConfigError
+
+        raise ConfigError(f"{settings.base}: no pretrained model there (no config.json); "
+                          "rebuild the demo's base with hist-vlm demo --pretrain")
     phrases, world = prepare_world(settings)
     records = read_synthetic(world / "grounding.jsonl", splits=["test"])
-    metrics: dict[str, dict[str, list[float]]] = {v: {k: [] for k, _ in METRICS} for v in VARIANTS}
-    figure_maps: dict[str, object] = {}
+    cfg0 = _train_config(settings, settings.variants[0], settings.seeds[0], phrases, world)
+    tqdm.write(f"== base model ({settings.base})")
+    summary, base_source = _evaluate(load_backbone(settings.base), cfg0, records,
+                                     settings.out_dir / "base_eval_test.jsonl")
+    base_metrics = {key: summary[key] for key, _ in METRICS}
+    metrics: dict[str, dict[str, list[float]]] = {v: {k: [] for k, _ in METRICS} for v in settings.variants}
+    figure_maps: dict[str, object] = {"base": base_source}
     for seed in settings.seeds:
-        for variant in VARIANTS:
-            tqdm.write(f"== {variant}, seed {seed}")
+        for variant in settings.variants:
+            tqdm.write(f"== {VARIANTS[variant][0]}, seed {seed}")
             cfg = _train_config(settings, variant, seed, phrases, world)
-            model = _train_and_load(cfg)
-            source = GradcamMaps(model, layers=cfg.loss.capture_layers, head=cfg.loss.capture_head,
-                                 combine=cfg.loss.capture_combine)
-            report = evaluate(records, source, batch_size=64, progress=False,
-                              out=Path(cfg.run.dir) / "eval_test.jsonl")
-            summary = report.summary()["test"]
+            summary, source = _evaluate(_train_and_load(cfg), cfg, records, Path(cfg.run.dir) / "eval_test.jsonl")
             for key, _ in METRICS:
                 metrics[variant][key].append(summary[key])
             if seed == settings.seeds[0]:
                 figure_maps[variant] = source
     figure = settings.out_dir / "heatmaps.png"
     _comparison_figure(records, figure_maps, figure)
-    table = format_table(metrics, len(settings.seeds))
+    table = format_table(metrics, base_metrics, settings.variants)
     (settings.out_dir / "results.md").write_text(table + "\n")
-    (settings.out_dir / "results.json").write_text(json.dumps(metrics, indent=1))
-    return DemoResult(table, metrics, figure)
+    (settings.out_dir / "results.json").write_text(json.dumps({"base": base_metrics, **metrics}, indent=1))
+    return DemoResult(table, metrics, base_metrics, figure)
 
 
-def format_table(metrics: dict[str, dict[str, list[float]]], n_seeds: int) -> str:
-    """Markdown table of mean ± std (sample std over seeds; 0 with one seed), in percent."""
+def _cell(values: list[float]) -> str:
+    """mean ± sample std (0 with one value), in percent."""
+    values = [100 * v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
 
-    def cell(values: list[float]) -> str:
-        values = [100 * v for v in values if not math.isnan(v)]
-        if not values:
-            return "n/a"
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.1f} ± {std:.1f}"
 
-    lines = [f"| test metric ({n_seeds} seed{'s' if n_seeds > 1 else ''}) | baseline | HIST |",
-             "|---|---|---|"]
-    for key, label in METRICS:
-        lines.append(f"| {label} | {cell(metrics['baseline'][key])} | {cell(metrics['hist'][key])} |")
+def paired_differences(metrics: dict[str, dict[str, list[float]]], key: str, variant: str) -> list[float]:
+    """`variant` − baseline per seed (same seed = same data order and draws)."""
+    return [h - b for h, b in zip(metrics[variant][key], metrics["baseline"][key])]
+
+
+def format_table(metrics: dict[str, dict[str, list[float]]], base: dict[str, float],
+                 variants: tuple[str, ...] = MAIN) -> str:
+    """Markdown table, in percent. With the two main variants: one row per metric (base,
+    baseline, HIST, paired difference with the per-seed values). With more (the ablation):
+    one row per variant, a column per metric, the base model first."""
+    n_seeds = len(metrics[variants[0]][METRICS[0][0]])
+    seeds = f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    if tuple(variants) == MAIN:
+        lines = [f"| test metric ({seeds}) | base (no fine-tuning) | baseline | HIST | HIST − baseline (paired) | per seed |",
+                 "|---|---|---|---|---|---|"]
+        for key, label in METRICS:
+            diff = paired_differences(metrics, key, "hist")
+            per_seed = ", ".join(f"{100 * d:+.1f}" for d in diff)
+            lines.append(f"| {label} | {100 * base[key]:.1f} | {_cell(metrics['baseline'][key])} | "
+                         f"{_cell(metrics['hist'][key])} | {_cell(diff)} | {per_seed} |")
+        return "\n".join(lines)
+    lines = [f"| variant ({seeds}) | " + " | ".join(label for _, label in METRICS) + " |",
+             "|---" * (len(METRICS) + 1) + "|",
+             "| base (no fine-tuning) | " + " | ".join(f"{100 * base[k]:.1f}" for k, _ in METRICS) + " |"]
+    for v in variants:
+        lines.append(f"| {VARIANTS[v][0]} | " + " | ".join(_cell(metrics[v][k]) for k, _ in METRICS) + " |")
     return "\n".join(lines)
 
 
 def _comparison_figure(records, sources: dict, out: Path, n_queries: int = 4) -> None:
-    """Baseline vs HIST maps of the same test queries (composite ones first), side by side."""
+    """The same test queries (composite ones first) under every model, side by side, the
+    untouched image first, stars on the top-4 points and the referred boxes drawn."""
     import torch
     from PIL import Image
 
@@ -194,9 +267,9 @@ def _comparison_figure(records, sources: dict, out: Path, n_queries: int = 4) ->
         with Image.open(rec.image) as im:
             image = im.convert("RGB")
         heats = []
-        for variant in VARIANTS:
-            source = sources[variant]
+        for source in sources.values():
             pixels = source.preprocess(image)[None]
             heats.append(source(pixels, [rec.text], torch.zeros(1, dtype=torch.long))[0].detach().cpu())
         rows.append((image, rec.text, heats, rec.boxes))
-    save_heatmap_grid(rows, ["baseline", "HIST"], out)
+    titles = [VARIANTS[name][0].split(" (")[0] if name in VARIANTS else name for name in sources]
+    save_heatmap_grid(rows, titles, out)

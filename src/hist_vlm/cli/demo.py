@@ -8,21 +8,25 @@ import typer
 
 from hist_vlm.cli import app
 
-DEFAULT_CONFIG = "demo_tiny"  # a packaged preset: found by name from any directory
+DEFAULT_CONFIG = "demo_finetune"  # a packaged preset: found by name from any directory
 
 
 @app.command()
 def demo(
-    config: str = typer.Option(DEFAULT_CONFIG, "--config", help="Training preset (name or YAML path) of the tiny model."),
+    config: str = typer.Option(DEFAULT_CONFIG, "--config", help="Fine-tuning preset (name or YAML path)."),
     out: Path = typer.Option(Path("demo_out"), "--out", help="Where the world, runs, table and figure go."),
-    quick: bool = typer.Option(False, "--quick", help="One seed, a smaller world, fewer epochs (about 3 min)."),
+    quick: bool = typer.Option(False, "--quick", help="One seed, a smaller world, fewer steps (under a minute)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds (default 3; 1 with --quick)."),
     schedule: str = typer.Option("paper", "--hist-schedule", help="HIST weight schedule: paper or constant."),
-    override: list[str] = typer.Option([], "--set", help="Extra key=value for both trainings (repeatable)."),
+    ablation: bool = typer.Option(False, "--ablation", help="The paper's Table 6: baseline, + phrase, + addition, + subject."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Pretrained base to fine-tune (default: the shipped demo_base)."),
+    pretrain: bool = typer.Option(False, "--pretrain", help="Rebuild the base first (demo_pretrain preset, ~15 min), then fine-tune it."),
+    override: list[str] = typer.Option([], "--set", help="Extra key=value for every fine-tuning (repeatable)."),
 ) -> None:
-    """Train the same tiny model with and without HIST on synthetic scenes, evaluate both,
-    print a table (mean ± std over seeds) and save a heatmap comparison figure."""
-    from hist_vlm.demo import DemoSettings, run_demo
+    """Fine-tune the pretrained tiny base with and without HIST on synthetic scenes, evaluate
+    base and both fine-tunes, print a table (mean ± std over seeds, paired differences) and
+    save a heatmap comparison figure."""
+    from hist_vlm.demo import ABLATION, DEMO_BASE, DemoSettings, pretrain_base, run_demo
     from hist_vlm.train.config import ConfigError, resolve_config
 
     try:
@@ -31,12 +35,21 @@ def demo(
         raise typer.BadParameter(str(e)) from None
     if schedule not in ("paper", "constant"):
         raise typer.BadParameter(f"--hist-schedule must be paper or constant, got {schedule!r}")
+    if pretrain and base is not None:
+        raise typer.BadParameter("--pretrain builds the base itself: drop --base")
     settings = DemoSettings.quick(config, out) if quick else DemoSettings(config=config, out_dir=out)
     if seeds is not None:
         settings.seeds = tuple(range(seeds))
     settings.hist_schedule = schedule
     settings.overrides += override
+    if ablation:
+        settings.variants = ABLATION
     try:
+        if pretrain:
+            settings.base = pretrain_base(out, ["run.max_steps=8"] if quick else [])
+            typer.echo(f"pretrained base: {settings.base} (copy it over {DEMO_BASE} to ship it)")
+        elif base is not None:
+            settings.base = base
         result = run_demo(settings)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
