@@ -1,17 +1,16 @@
 """The main job end to end (`hist-vlm demo --quick`), and its pieces."""
 import json
 import math
-from pathlib import Path
 
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
 from hist_vlm.demo import ABLATION, METRICS, format_table
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_demo_runs_the_whole_pipeline(tmp_path):
+def test_quick_demo_runs_the_whole_pipeline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: the preset and the base come from the package
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -190,3 +190,13 @@ def test_gradcam_minmax_option_scales_each_map_to_unit_range():
     assert torch.allclose(mm.flatten(1).min(1).values, torch.zeros(len(mm)))
     with pytest.raises(ValueError, match="normalisation"):
         gradcam_maps(model, image_embeds, batch.phrases, layers=[0], normalize="l2")
+
+
+def test_hard_negatives_never_draw_a_positive_when_the_softmax_underflows():
+    # row i is most similar to its own image; at temp 1e-3 the other columns' softmax weights
+    # underflow to 0 in float32 when the positives are masked after the softmax
+    feat = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.2]]), dim=1)
+    pos = torch.eye(3, dtype=torch.bool)
+    for u in torch.linspace(0, 0.999, 50):
+        neg_img, neg_txt = hard_negatives(feat, feat, torch.tensor(1e-3), pos, u.repeat(3), u.repeat(3))
+        assert not pos[torch.arange(3), neg_img].any() and not pos[neg_txt, torch.arange(3)].any()

@@ -39,8 +39,10 @@ def hard_negatives(
     with torch.no_grad():
         if hard:
             sim = fp32_or_wider(text_feat) @ fp32_or_wider(image_feat).t() / temp  # [N, B]
-            w_t2i = F.softmax(sim, 1).masked_fill(pos, 0)
-            w_i2t = F.softmax(sim.t(), 1).masked_fill(pos.t(), 0)  # [B, N]
+            # positives masked BEFORE the softmax: masked after it, a peaked row (low temp)
+            # underflows to all zeros and sample_rows' uniform fallback could draw a positive
+            w_t2i = F.softmax(sim.masked_fill(pos, float("-inf")), 1).nan_to_num(0.0)
+            w_i2t = F.softmax(sim.t().masked_fill(pos.t(), float("-inf")), 1).nan_to_num(0.0)  # [B, N]
         else:  # uniform over the non-positives
             w_t2i = (~pos).float()
             w_i2t = (~pos.t()).float()
