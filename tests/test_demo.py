@@ -56,3 +56,23 @@ def test_ablation_table_has_a_row_per_variant_after_the_base():
     assert [line.split(" | ")[0] for line in lines[3:]] == [
         "| baseline", "| + phrase", "| + phrase + addition", "| HIST (+ phrase + addition + subject)"]
     assert lines[-1].endswith("| 40.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 0.0 |")
+
+
+def test_pretrain_rebuilds_a_base_and_the_demo_fine_tunes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--pretrain", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    recipe = json.loads((out / "base" / "recipe.json").read_text())
+    assert recipe["command"].startswith("hist-vlm demo --pretrain") and recipe["config"]["run"]["max_steps"] == 8
+    assert recipe["final_log"]["step"] == 8
+    # both fine-tunes started from the rebuilt base, not the shipped one
+    for variant in ("baseline", "hist"):
+        cfg = (out / "runs" / f"{variant}-seed0" / "config.yaml").read_text()
+        assert f"checkpoint: {out / 'base'}" in cfg
+
+
+def test_a_folder_without_a_model_is_a_one_line_error(tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--quick", "--base", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and "no pretrained model there" in res.output

@@ -46,7 +46,7 @@ def demo(
         settings.variants = ABLATION
     try:
         if pretrain:
-            settings.base = pretrain_base(out, ["run.max_steps=8"] if quick else [])
+            settings.base = pretrain_base(out, ["run.max_steps=8", "data.synthetic.n_train=64"] if quick else [])
             typer.echo(f"pretrained base: {settings.base} (copy it over {DEMO_BASE} to ship it)")
         elif base is not None:
             settings.base = base
