@@ -94,6 +94,29 @@ def test_total_is_vl_plus_weighted_lambda_sum_of_hist_terms(progress, ramp, w):
     assert abs(float((out["loss"] - (vl + w * (phrase + subject + out["add"]))).detach())) > 0.05
 
 
+def test_mlm_weight_scales_both_language_terms_and_zero_skips_the_pass(monkeypatch):
+    """l_m multiplies the caption and the phrase MLM; l_m = 0 (retrieval fine-tuning) never
+    runs the MLM head, and the rest of the total is unchanged."""
+    model = tiny_albef(dtype=torch.float64)
+    batch = hist_batch(model)
+    base = dict(schedule="constant", capture_layers=(0,), queue_size=0)  # no random initial queue
+    full = HistLoss(HistLossConfig(**base), model)(model, batch, 0.5)
+    half = HistLoss(HistLossConfig(**base, mlm_weight=0.5), model)(model, batch, 0.5)
+    assert float(full["mlm"].detach()) > 0.1 and float(full["phrase_mlm"].detach()) > 0.1
+    expected = full["loss"] - 0.5 * (full["mlm"] + full["phrase_mlm"])
+    torch.testing.assert_close(half["loss"], expected, **F64)
+
+    def no_mlm(*args, **kwargs):
+        raise AssertionError("mlm_weight=0 must not run the MLM head")
+
+    monkeypatch.setattr(model, "mlm_logits", no_mlm)
+    off = HistLoss(HistLossConfig(**base, mlm_weight=0.0), model)(model, batch, 0.5)
+    assert float(off["mlm"]) == 0.0 and float(off["phrase_mlm"]) == 0.0
+    torch.testing.assert_close(off["loss"], full["loss"] - full["mlm"] - full["phrase_mlm"], **F64)
+    with pytest.raises(ValueError, match="mlm_weight"):
+        HistLossConfig(mlm_weight=-1.0)
+
+
 # ----------------------------------------------------------------------------- the addition term
 
 def test_addition_term_is_the_sum_rule_on_the_pair_rows():

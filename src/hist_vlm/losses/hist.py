@@ -1,7 +1,8 @@
 """The HIST objective: L = L_vl + w(t) * (l_p L_phrase + l_s L_subject + l_a L_add).
 
-L_vl      ITC + ITM + MLM (ALBEF) / LM (BLIP) on (image, caption)
-L_phrase  ITC + ITM + MLM/LM on (image, noun phrase C_i)
+L_vl      ITC + ITM + l_m MLM (ALBEF) / LM (BLIP) on (image, caption)
+L_phrase  ITC + ITM + l_m MLM/LM on (image, noun phrase C_i)
+          l_m = `mlm_weight` (1; 0 skips the MLM/LM pass: ALBEF's retrieval fine-tuning is ITC + ITM)
 L_subject ITC + ITM on (image, subject S_i)
 L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`train` recipe,
           create_graph=True) of C_i, C_j and "C_i and C_j" from ONE autograd.grad call.
@@ -64,6 +65,7 @@ class HistLossConfig:
     momentum: float = 0.995
     alpha: float = 0.4                     # distillation weight, ramped over epoch 0 (ALBEF)
     mlm_probability: float = 0.15
+    mlm_weight: float = 1.0                # 0: no MLM/LM pass at all (ALBEF's Retrieval.py trains ITC + ITM)
     itm_hard_negatives: bool = True       # False: uniform over the non-positives
     itm_group_size: int | None = None      # negatives among groups of this many images (None: local batch)
     paper_ramp_epochs: float = 2.0
@@ -74,6 +76,8 @@ class HistLossConfig:
             raise ValueError(f"unknown HIST schedule {self.schedule!r} (choose from {SCHEDULES})")
         if self.capture_combine not in ("mean", "product"):
             raise ValueError(f"unknown capture_combine {self.capture_combine!r} (mean or product)")
+        if self.mlm_weight < 0:
+            raise ValueError(f"mlm_weight must be >= 0, got {self.mlm_weight}")
         if self.add_normalize not in ADD_NORMALIZES:
             raise ValueError(f"unknown add_normalize {self.add_normalize!r} (choose from {ADD_NORMALIZES})")
 
@@ -254,14 +258,16 @@ class HistLoss(nn.Module):
             out["subject_itc"] = self._itc(img, sub, ids, temp, alpha)
         # one fusion pass for every ITM term, one MLM pass for every MLM term
         itm = itm_losses(model, image_embeds, [self._itm_block(image_embeds, img[0], e, ids, temp) for e in encoded])
-        lm = self._language(model, twin, [e.rows for e in encoded[:2]], image_embeds, image_embeds_m, alpha)
+        lm = [zero, zero]
+        if cfg.mlm_weight > 0:
+            lm = self._language(model, twin, [e.rows for e in encoded[:2]], image_embeds, image_embeds_m, alpha)
         out["itm"], out["mlm"] = itm[0], lm[0]
-        total = out["itc"] + out["itm"] + out["mlm"]
+        total = out["itc"] + out["itm"] + cfg.mlm_weight * out["mlm"]
         if w > 0:
             out["phrase_itm"], out["subject_itm"], out["phrase_mlm"] = itm[1], itm[2], lm[1]
             out["add"] = self._addition(model, image_embeds, batch)
             hist = (
-                cfg.lambda_phrase * (out["phrase_itc"] + out["phrase_itm"] + out["phrase_mlm"])
+                cfg.lambda_phrase * (out["phrase_itc"] + out["phrase_itm"] + cfg.mlm_weight * out["phrase_mlm"])
                 + cfg.lambda_subject * (out["subject_itc"] + out["subject_itm"])
                 + cfg.lambda_add * out["add"]
             )
