@@ -1,6 +1,6 @@
 """Readers for grounding benchmarks, all yielding one record type (`GroundingRecord`).
 
-Formats (reference/albef_selfeq.md 2.4):
+Formats (docs/reference_code.md, "Evaluation data formats"):
 - RefCOCO+ / ReferIt (refclef): ALBEF/SelfEQ test jsons, a list of {"image", "text", "ref_id"}
   (refclef adds "split"), plus the REFER files `<refer_root>/<dataset>/refs(<split_by>).p` and
   `instances.json`. Boxes are the referred annotation's [x, y, w, h]; sizes come from

@@ -1,6 +1,6 @@
 """The pointing game (single objects) and multi-object metrics (composite "A and B" queries).
 
-The pointing game follows SelfEQ's evaluation exactly (reference/albef_selfeq.md 2.3): the raw
+The pointing game follows SelfEQ's evaluation exactly (docs/reference_code.md, "The pointing game"): the raw
 [gh, gw] GradCAM map is upsampled bicubically (align_corners=False) to the ORIGINAL image size,
 the point is the first maximum in row-major order (smallest y, then smallest x; an all-zero map
 points at (0, 0)), and a hit needs the point STRICTLY inside a box (a point on an edge misses).

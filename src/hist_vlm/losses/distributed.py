@@ -2,7 +2,7 @@
 
 Why not `DistributedDataParallel`: the addition loss differentiates through
 `autograd.grad(create_graph=True)`, and with plain `DDP(model)` the reducer's hooks silently
-skip the all-reduce for that backward, leaving rank-local gradients (blip_hf.md; pytorch
+skip the all-reduce for that backward, leaving rank-local gradients (docs/reference_code.md; pytorch
 #47562, #63929). So training keeps the model unwrapped (it is the `no_sync()` path, always):
   1. `broadcast_parameters(model)` once at start (rank 0's weights everywhere);
   2. each rank computes its loss on its shard (losses normalise with global counts, see

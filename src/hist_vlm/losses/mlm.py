@@ -41,7 +41,7 @@ def mask_tokens(
 
 def mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None = None, alpha: float = 0.0) -> Tensor:
     """Global mean over masked tokens of (1-alpha) CE + alpha * soft CE against the momentum
-    model (log_softmax over the VOCABULARY; SelfEQ's dim=1 is a bug, albef_selfeq.md 1.6)."""
+    model (log_softmax over the VOCABULARY; SelfEQ's dim=1 is a bug, docs/reference_code.md)."""
     sel = labels != -100  # [N, T]
     logp = F.log_softmax(fp32_or_wider(logits), dim=-1)  # [N, T, V]
     ce = F.nll_loss(logp.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [N, T]

@@ -4,7 +4,7 @@ BLIP has ONE BERT stack whose layers all carry a cross-attention block: run with
 states it is the unimodal text encoder (ITC), run with them it is the fusion encoder (ITM).
 So fusion re-reads the token ids (`fuse_rows`) instead of continuing `encode_text`'s output.
 HF's retrieval forward drops the text cross-attentions, so the forward is decomposed here and
-the chosen layer's probabilities are taken with a forward hook (blip_hf.md).
+the chosen layer's probabilities are taken with a forward hook (docs/reference_code.md).
 
 Layer/head indices are 0-based. The paper's "9th cross-attention layer" is layer 8; its
 evaluation maps "L8H10" and "L9H10" (1-based, Table 7) are (layer 7, head 9) and (layer 8, head 9).
@@ -115,7 +115,7 @@ class BlipBackbone(VisionLanguageBackbone):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, config: BlipConfig, *, with_decoder: bool = False, **kwargs) -> "BlipBackbone":
-        """Random init (tests, benchmarks). The config is deep-copied (HF mutates it, blip_hf.md)."""
+        """Random init (tests, benchmarks). The config is deep-copied (HF mutates it, docs/reference_code.md)."""
         retrieval = BlipForImageTextRetrieval(copy.deepcopy(config))
         decoder = BlipForConditionalGeneration(copy.deepcopy(config)).text_decoder if with_decoder else None
         return cls(retrieval, decoder=decoder, **kwargs)
@@ -189,7 +189,7 @@ class BlipBackbone(VisionLanguageBackbone):
                 )
             attn = self.retrieval.text_encoder.encoder.layer[capture_layer].crossattention.self
 
-            def keep_first(_mod, _inp, out) -> None:  # must return None (blip_hf.md)
+            def keep_first(_mod, _inp, out) -> None:  # must return None (docs/reference_code.md)
                 if not captured:  # checkpoint recomputation fires the hook again
                     captured.append(out[1])  # [N, heads, T, 1+P] softmax, pre-dropout
 
