@@ -4,8 +4,8 @@ lists and plain JSONL, all turned into one stream of (image key, [captions]).
 Every caption is cleaned the same way (whitespace collapsed; empty ones skipped; very long
 ones cut at a word boundary) and counted in `ReadStats`. A malformed file raises
 `CaptionFileError`, whose message names the file and the record: the CLI prints it as one line.
-JSONL is read line by line; the json formats are single documents and are loaded whole.
-Never imports torch.
+JSONL is read line by line and Visual Genome's json (700 MB) record by record (ijson); the
+other json formats are single documents and are loaded whole. Never imports torch.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+import ijson
 
 __all__ = [
     "FORMATS",
@@ -123,6 +125,30 @@ def _load_json(path: Path) -> Any:
         raise CaptionFileError(path, None, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+def _stream_items(path: Path, prefix: str = "item", label: str = "[{}]") -> Iterator[tuple[str, Any]]:
+    """(record label, record) for each element of the JSON array at `prefix` ("item": the top
+    level), read one at a time: memory stays flat for any file size, and a broken tail is an
+    error only when the reader gets there. Numbers come as int or float."""
+    with _open_binary(path) as f:
+        if prefix == "item":  # ijson finds no items in a non-array: say what the top level is
+            head = f.read(1)
+            while head.isspace():
+                head = f.read(1)
+            if head != b"[":
+                kind = {b"{": "dict", b'"': "str", b"": "nothing"}.get(head, "a scalar")
+                raise CaptionFileError(path, "top level", f"the top level must be a list, got {kind}")
+            f.seek(0)
+        n = 0  # the record being read
+        try:
+            for item in ijson.items(f, prefix, use_float=True):
+                yield label.format(n), item
+                n += 1
+        except ijson.JSONError as e:
+            msg = e.args[0] if e.args else e
+            msg = (msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)).splitlines()[0]
+            raise CaptionFileError(path, label.format(n), f"invalid JSON ({msg})") from None
+
+
 def _field(record: Any, names: tuple[str, ...], path: Path, where: str) -> Any:
     """The first of `names` present in a JSON object, else a one-line error."""
     if not isinstance(record, dict):
@@ -174,9 +200,7 @@ def _read_coco(path: Path) -> _Raw:
 def _read_vg(path: Path) -> _Raw:
     """`region_descriptions.json`: [{"id" | "image_id", "regions": [{"phrase", ...}]}]; the key
     is the image id, the captions are the region phrases."""
-    data = _list(_load_json(path), path, "top level", "the top level")
-    for n, rec in enumerate(data):
-        where = f"[{n}]"
+    for where, rec in _stream_items(path):
         key = _image_key(_field(rec, ("id", "image_id"), path, where), path, where)
         regions = _list(_field(rec, ("regions",), path, where), path, where, "regions")
         phrases = [_field(r, ("phrase",), path, f"{where}.regions[{m}]") for m, r in enumerate(regions)]

@@ -1,0 +1,165 @@
+"""Flickr30k Entities (https://github.com/BryanPlummer/flickr30k_entities) -> the info-ground
+layout that `hist_vlm.data.grounding.read_flickr30k` reads.
+
+Input, as `annotations.zip` unpacks plus the split lists of the repository:
+- `Sentences/<id>.txt`: five lines, phrases marked `[/EN#18/people A man]` (id 18, types
+  "people"; id 0 marks a phrase without an entity);
+- `Annotations/<id>.xml`: `<size>` (width, height, depth) and one `<object>` per box or
+  entity: one or more `<name>` (entity ids) with a `<bndbox>` (1-based VOC corners), or with
+  `<nobndbox>`/`<scene>` flags when the entity has no box;
+- `train.txt`, `val.txt`, `test.txt`: image ids.
+
+Output per split, the fields of the dataset's own parsing utilities (as info-ground dumps them):
+`<split>.txt` (the ids converted), `bounding_boxes_<split>.json` = {id: {"boxes": {entity id:
+[[x1, y1, x2, y2], ...]}, "scene": [ids], "nobox": [ids], "width", "height", "depth"}} with the
+VOC corners minus 1 (0-based, as those utilities give them), and `sentences_<split>.json` =
+{id: [{"sentence", "phrases": [{"first_word_index", "phrase", "phrase_id", "phrase_type"}]}]}.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterable
+
+from tqdm import tqdm
+
+from hist_vlm.data.prepare import PrepareError, PrepareReport, write_json, write_lines
+
+SPLITS = ("train", "val", "test")
+
+
+def parse_sentences(path: Path) -> list[dict]:
+    """One Sentences/<id>.txt -> [{"sentence", "phrases": [...]}], one per non-empty line."""
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise PrepareError(path, None, f"invalid UTF-8 at byte {e.start}") from None
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if line.strip():
+            out.append(_sentence(line, path, f"line {lineno}"))
+    return out
+
+
+def _sentence(line: str, path: Path, where: str) -> dict:
+    words: list[str] = []
+    phrases: list[dict] = []
+    current: dict | None = None  # the open phrase
+    for token in line.split():
+        if current is None and token.startswith("["):
+            parts = token.split("/")
+            if len(parts) < 2 or not parts[1].startswith("EN#") or not parts[1][3:]:
+                raise PrepareError(path, where, f"bad phrase tag {token!r} (expected [/EN#<id>/<type>...)")
+            current = {"first_word_index": len(words), "words": [], "phrase_id": parts[1][3:], "phrase_type": parts[2:]}
+            continue
+        if current is None:
+            words.append(token)
+            continue
+        if token.startswith("[/EN#"):
+            raise PrepareError(path, where, f"phrase {current['phrase_id']} is not closed before {token!r}")
+        closes = token.endswith("]")
+        token = token[:-1] if closes else token
+        words.append(token)
+        current["words"].append(token)
+        if closes:
+            phrases.append({"first_word_index": current["first_word_index"], "phrase": " ".join(current["words"]),
+                            "phrase_id": current["phrase_id"], "phrase_type": current["phrase_type"]})
+            current = None
+    if current is not None:
+        raise PrepareError(path, where, f"phrase {current['phrase_id']} is not closed (no ']')")
+    return {"sentence": " ".join(words), "phrases": phrases}
+
+
+def parse_annotation(path: Path) -> dict:
+    """One Annotations/<id>.xml -> {"boxes", "scene", "nobox", "width", "height", "depth"}."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise PrepareError(path, None, f"not valid XML ({e})") from None
+    size = root.find("size")
+    if size is None:
+        raise PrepareError(path, None, "no <size> element")
+    info: dict = {"boxes": {}, "scene": [], "nobox": []}
+    for tag in ("width", "height", "depth"):
+        info[tag] = _int(size, tag, path, "size")
+    for n, obj in enumerate(root.findall("object")):
+        where = f"object {n}"
+        names = [(e.text or "").strip() for e in obj.findall("name")]
+        if not names or not all(names):
+            raise PrepareError(path, where, "missing or empty <name>")
+        box = obj.find("bndbox")
+        if box is not None:
+            corners = [_int(box, tag, path, where) - 1 for tag in ("xmin", "ymin", "xmax", "ymax")]
+            for name in names:
+                info["boxes"].setdefault(name, []).append(corners)
+            continue
+        for tag, key in (("nobndbox", "nobox"), ("scene", "scene")):
+            if obj.find(tag) is not None and _int(obj, tag, path, where) > 0:
+                info[key].extend(names)
+    return info
+
+
+def _int(parent: ET.Element, tag: str, path: Path, where: str) -> int:
+    element = parent.find(tag)
+    if element is None:
+        raise PrepareError(path, where, f"missing <{tag}>")
+    try:
+        return int((element.text or "").strip())
+    except ValueError:
+        raise PrepareError(path, where, f"<{tag}> must be an integer, got {element.text!r}") from None
+
+
+def prepare_flickr30k_entities(
+    root: str | Path,
+    out_dir: str | Path,
+    splits: Iterable[str] = (),
+    split_dir: str | Path | None = None,
+    progress: bool = True,
+) -> PrepareReport:
+    """Convert the `splits` (default: those of train/val/test whose id list exists) of the
+    dataset under `root` (`Annotations/`, `Sentences/`) into `out_dir`; id lists are read from
+    `split_dir` (default `root`). An id without both files is skipped and counted."""
+    root, out_dir = Path(root), Path(out_dir)
+    split_dir = Path(split_dir) if split_dir is not None else root
+    splits = list(splits) or [s for s in SPLITS if (split_dir / f"{s}.txt").is_file()]
+    if not splits:
+        raise PrepareError(split_dir, None, "no train.txt, val.txt or test.txt image-id list")
+    for folder in ("Annotations", "Sentences"):
+        if not (root / folder).is_dir():
+            raise PrepareError(root / folder, None, "folder not found (unzip annotations.zip here)")
+    report = PrepareReport()
+    converted = []  # every split is parsed before anything is written: a bad file leaves no output
+    for split in splits:
+        ids_path = split_dir / f"{split}.txt"
+        if not ids_path.is_file():
+            raise PrepareError(ids_path, None, "image-id list not found")
+        kept, boxes, sentences = [], {}, {}
+        for image_id in tqdm(ids_path.read_text().split(), desc=f"flickr30k {split}", unit=" images", disable=not progress):
+            xml, txt = root / "Annotations" / f"{image_id}.xml", root / "Sentences" / f"{image_id}.txt"
+            if not xml.is_file() or not txt.is_file():
+                report.skipped[f"{split}: images without {'Annotations/<id>.xml' if not xml.is_file() else 'Sentences/<id>.txt'}"] += 1
+                continue
+            boxes[image_id], sentences[image_id] = parse_annotation(xml), parse_sentences(txt)
+            kept.append(image_id)
+            _count_phrases(boxes[image_id], sentences[image_id], split, report)
+        converted.append((split, kept, boxes, sentences))
+    for split, kept, boxes, sentences in converted:
+        write_json(out_dir / f"bounding_boxes_{split}.json", boxes, report, len(kept))
+        write_json(out_dir / f"sentences_{split}.json", sentences, report, len(kept))
+        write_lines(out_dir / f"{split}.txt", kept, report)
+    return report
+
+
+def _count_phrases(info: dict, sentences: list[dict], split: str, report: PrepareReport) -> None:
+    """The phrases the pointing game will not score (no box), by why: kept in the files."""
+    for sent in sentences:
+        for p in sent["phrases"]:
+            pid = p["phrase_id"]
+            if pid in info["boxes"]:
+                report.notes[f"{split}: phrases with a box (scored)"] += 1
+            elif pid in info["scene"]:
+                report.notes[f"{split}: phrases of the whole scene (no box, not scored)"] += 1
+            elif pid in info["nobox"]:
+                report.notes[f"{split}: phrases not visible (no box, not scored)"] += 1
+            else:  # id 0 (no entity), or an entity the xml does not list
+                report.notes[f"{split}: phrases without an annotated entity (not scored)"] += 1
