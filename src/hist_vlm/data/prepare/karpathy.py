@@ -33,7 +33,7 @@ def prepare_karpathy(path: str | Path, out_dir: str | Path, name: str | None = N
     tests: dict[str, list[dict]] = {"val": [], "test": []}
     report = PrepareReport()
     records = _stream_items(path, "images.item", "images[{}]")
-    for where, rec in tqdm(records, desc=f"{name} images", unit=" images", disable=not progress):
+    for where, rec in tqdm(records, desc=f"{name} images", unit=" images", disable=not progress, leave=False):
         split = SPLIT_OF.get(str(_field(rec, ("split",), path, where)))
         if split is None:
             report.skipped[f"images of split {rec['split']!r} (not train/restval/val/test)"] += 1

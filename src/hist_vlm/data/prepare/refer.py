@@ -64,7 +64,7 @@ def prepare_refer(
     index = load_refer(refer_root, dataset, split_by)
     items: dict[str, list[dict]] = {s: [] for s in splits}
     report = PrepareReport()
-    for ref_id, ref in tqdm(index.refs.items(), desc=f"{dataset} refs", unit=" refs", disable=not progress):
+    for ref_id, ref in tqdm(index.refs.items(), desc=f"{dataset} refs", unit=" refs", disable=not progress, leave=False):
         where = f"ref {ref_id}"
         ref_split = _field(ref, "split", refs_path, where)
         wanted = [s for s in splits if in_split(str(ref_split), s)]
