@@ -6,7 +6,9 @@
 - `refer`: REFER's `refs(unc).p` + `instances.json` -> `<dataset>_<split>.json` test lists
   (`read_refer`, `load_benchmark`);
 - `karpathy`: `dataset_coco.json` / `dataset_flickr30k.json` -> ALBEF's retrieval jsons
-  (`read_retrieval_train`, `read_retrieval_test`).
+  (`read_retrieval_train`, `read_retrieval_test`);
+- `visual_genome`: `region_descriptions.json` + `image_data.json` -> a caption JSONL whose
+  keys are image paths (`hist-vlm parse --format jsonl`, then training).
 
 Every converter returns a `PrepareReport` (files written, records skipped counted by reason),
 writes each output atomically, and raises `PrepareError` (one line naming the file and the
@@ -18,9 +20,9 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from hist_vlm._io import atomic_write_text
+from hist_vlm._io import atomic_write_lines, atomic_write_text
 
 __all__ = ["PrepareError", "PrepareReport", "write_json", "write_lines"]
 
@@ -53,7 +55,6 @@ def write_json(path: Path, obj: Any, report: PrepareReport, records: int) -> Non
     report.written[path] = records
 
 
-def write_lines(path: Path, lines: list[str], report: PrepareReport) -> None:
-    """One line per entry, atomically, counted in `report`."""
-    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
-    report.written[path] = len(lines)
+def write_lines(path: Path, lines: Iterable[str], report: PrepareReport) -> None:
+    """One line per entry, streamed to the file and renamed at the end, counted in `report`."""
+    report.written[path] = atomic_write_lines(path, lines)
