@@ -67,6 +67,7 @@ def test_refcoco_plus_test_lists_read_back_by_the_evaluator(tmp_path):
         {"image": "train2014/COCO_train2014_000000000007.jpg", "text": "left chair", "ref_id": 12, "split": "val"}]
     assert report.skipped == {"test: refs whose annotation is not in instances.json": 1, "val: empty sentences": 1}
     assert report.written == {root / "refcoco+_val.json": 1, root / "refcoco+_test.json": 3}
+    assert not report.notes                          # instances.json's file_names agree with the paths
 
     records = load_benchmark("refcoco+", root, image_root=tmp_path / "coco")
     assert [(r.id, r.text, r.split, r.boxes[0], (r.width, r.height)) for r in records] == [
@@ -81,12 +82,19 @@ def test_refcoco_plus_test_lists_read_back_by_the_evaluator(tmp_path):
 def test_refclef_train_and_test_splits(tmp_path):
     root = make_refer(tmp_path / "refer", "refclef", [ref(1, 25086, 50, "test", "sky"), ref(2, 25086, 51, "train", "tree")])
     instances = json.loads((root / "refclef" / "instances.json").read_text())
-    instances["images"][0]["id"] = 25086
+    instances["images"][0].update(id=25086, file_name="25086.jpg")
+    instances["images"][1]["file_name"] = "other.jpg"
     (root / "refclef" / "instances.json").write_text(json.dumps(instances))
-    prepare_refer(root, "refclef", tmp_path / "out", ["train", "test"], progress=False)
+    report = prepare_refer(root, "refclef", tmp_path / "out", ["train", "test"], progress=False)
+    assert not report.notes
     assert json.loads((tmp_path / "out" / "refclef_test.json").read_text()) == [
         {"image": "saiapr_tc-12/25/images/25086.jpg", "text": "sky", "ref_id": 1, "split": "test"}]
     assert [i["text"] for i in json.loads((tmp_path / "out" / "refclef_train.json").read_text())] == ["tree"]
+    refs = [ref(1, 25086, 50, "test", "sky"), ref(2, 7, 70, "test", "tree")]   # image 7's file_name is other.jpg
+    with open(root / "refclef" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    report = prepare_refer(root, "refclef", tmp_path / "out", ["test"], progress=False)
+    assert report.notes == {"refs whose instances.json file_name differs from the image path written": 1}
 
 
 @pytest.mark.parametrize("refs, splits, message", [

@@ -80,13 +80,17 @@ def prepare_refer(
             for s in wanted:
                 report.skipped[f"{s}: {reason}"] += 1
             continue
+        image = image_path(dataset, image_id)
+        file_name = index.images[image_id].get("file_name")
+        if file_name and Path(str(file_name)).name != Path(image).name:  # the path layout assumed is wrong here
+            report.notes["refs whose instances.json file_name differs from the image path written"] += 1
         for n, sent in enumerate(sentences):
             text = " ".join(str(_field(sent, "sent", refs_path, f"{where} sentence {n}")).split())
             for s in wanted:
                 if not text:
                     report.skipped[f"{s}: empty sentences"] += 1
                     continue
-                items[s].append({"image": image_path(dataset, image_id), "text": text, "ref_id": ref_id,
+                items[s].append({"image": image, "text": text, "ref_id": ref_id,
                                  "split": str(ref_split)})
     for s in splits:
         if not items[s]:
