@@ -134,10 +134,12 @@ def prepare_flickr30k_entities(
         if not ids_path.is_file():
             raise PrepareError(ids_path, None, "image-id list not found")
         kept, boxes, sentences = [], {}, {}
-        for image_id in tqdm(ids_path.read_text().split(), desc=f"flickr30k {split}", unit=" images", disable=not progress, leave=False):
+        ids = ids_path.read_text().split()
+        for image_id in tqdm(ids, desc=f"flickr30k {split}", unit=" images", disable=not progress, leave=False):
             xml, txt = root / "Annotations" / f"{image_id}.xml", root / "Sentences" / f"{image_id}.txt"
-            if not xml.is_file() or not txt.is_file():
-                report.skipped[f"{split}: images without {'Annotations/<id>.xml' if not xml.is_file() else 'Sentences/<id>.txt'}"] += 1
+            missing = "Annotations/<id>.xml" if not xml.is_file() else "Sentences/<id>.txt" if not txt.is_file() else None
+            if missing:
+                report.skipped[f"{split}: images without {missing}"] += 1
                 continue
             boxes[image_id], sentences[image_id] = parse_annotation(xml), parse_sentences(txt)
             kept.append(image_id)
