@@ -12,6 +12,7 @@ objects, and (with an id mask) the IoU parts of the picked region.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import defaultdict
@@ -152,14 +153,20 @@ class GradcamMaps:
         self.max_length = text_length_limit(model, max_length)
         self.preprocess = eval_transform(model)
 
-    def __call__(self, pixel_values: Tensor, texts: list[str], image_index: Tensor) -> Tensor:
-        from hist_vlm.losses.gradcam import gradcam_maps
+    def encode(self, pixel_values: Tensor, texts: list[str], image_index: Tensor):
+        """(image_embeds [B, 1+P, Dv], TextRows) on the device: each image encoded once."""
         from hist_vlm.models.base import TextRows
 
         ids, mask = self.model.tokenize(texts, max_length=self.max_length)
         rows = TextRows(ids, mask, image_index).to(self.device)
         with torch.no_grad():
             image_embeds = self.model.encode_image(pixel_values.to(self.device))  # [B, 1+P, Dv]
+        return image_embeds, rows
+
+    def __call__(self, pixel_values: Tensor, texts: list[str], image_index: Tensor) -> Tensor:
+        from hist_vlm.losses.gradcam import gradcam_maps
+
+        image_embeds, rows = self.encode(pixel_values, texts, image_index)
         return gradcam_maps(
             self.model, image_embeds, rows, layers=self.layers, head=self.head,
             combine=self.combine, recipe="reference", create_graph=False,
@@ -222,17 +229,18 @@ class EvalReport:
         """One human-readable line per split."""
         rows = []
         for split, m in self.summary().items():
-            parts = [f"{split:>16}: pointing {_pct(m['pointing'])}" + (f" (n={m['n']})" if "n" in m else "")]
+            parts = [f"{split:>16}: pointing {format_pct(m['pointing'])}" + (f" (n={m['n']})" if "n" in m else "")]
             if "both_hit" in m:
-                parts.append(f"composite: any {_pct(m['composite_pointing'])} both {_pct(m['both_hit'])}"
+                parts.append(f"composite: any {format_pct(m['composite_pointing'])} both {format_pct(m['both_hit'])}"
                              f" (n={m['n_composite']})")
             if "ciou" in m:
-                parts.append(f"cIoU {_pct(m['ciou'])} mIoU {_pct(m['miou'])}")
+                parts.append(f"cIoU {format_pct(m['ciou'])} mIoU {format_pct(m['miou'])}")
             rows.append("  ".join(parts))
         return rows
 
 
-def _pct(x: float) -> str:
+def format_pct(x: float) -> str:
+    """A share as a 5.1f percentage; nan (nothing counted) as n/a."""
     return "  n/a" if math.isnan(x) else f"{100 * x:5.1f}%"
 
 
@@ -260,17 +268,55 @@ class _Batches(torch.utils.data.Dataset):
         return list(range(b * self.bs, b * self.bs + len(recs))), torch.stack(pixels), index
 
 
-def _score(rec: GroundingRecord, heat: Tensor, point: tuple[int, int]) -> ItemResult:
+def query_mask(rec: GroundingRecord) -> np.ndarray | None:
+    """The object-id mask [H, W] a composite query's region IoU needs (None: not scored)."""
+    if rec.kind != "composite" or rec.mask is None or not rec.object_ids:
+        return None
+    with Image.open(rec.mask) as m:
+        return np.asarray(m)
+
+
+def score_query(rec: GroundingRecord, heat: Tensor, point: tuple[int, int], ids: np.ndarray | None) -> ItemResult:
+    """One query's result from its raw map [gh, gw], its pointing point and its `query_mask`."""
     res = ItemResult(rec.id, rec.split, rec.kind, rec.text, point, pointing_hit(point, rec.boxes, rec.box_format))
     if rec.kind == "composite":
         pts = top_k_points(heat, (rec.height, rec.width))
         res.top_points = pts
         res.all_hit = all_objects_hit(pts, rec.boxes, rec.box_format)
-        if rec.mask is not None and rec.object_ids:
-            with Image.open(rec.mask) as m:
-                ids = np.asarray(m)
+        if ids is not None:
             res.inter, res.union = region_iou_parts(pts, ids, rec.object_ids)
     return res
+
+
+def check_records(records: Sequence[GroundingRecord]) -> None:
+    """There are records and every image exists: checked before any model work, not met as a
+    worker traceback halfway through."""
+    if not records:
+        raise ValueError("no grounding records to evaluate")
+    missing = [p for p in dict.fromkeys(r.image for r in records) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: image not found ({len(missing)} images missing)")
+
+
+def query_batches(records: Sequence[GroundingRecord], preprocess, *, batch_size: int, num_workers: int):
+    """Yield (records, pixel_values [B, 3, H, W], image_index [N]) per batch of `batch_size`
+    records; images loaded and preprocessed in `num_workers` DataLoader workers."""
+    loader = torch.utils.data.DataLoader(
+        _Batches(records, batch_size, preprocess), batch_size=None, num_workers=num_workers,
+    )
+    for idx, pixels, image_index in loader:
+        yield [records[i] for i in idx], pixels, image_index
+
+
+@contextlib.contextmanager
+def jsonl_sink(out: str | Path | None):
+    """A `write(dict)` that appends JSON lines to `out` (a no-op without `out`)."""
+    if out is None:
+        yield lambda row: None
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with Path(out).open("w") as f:
+        yield lambda row: f.write(json.dumps(row) + "\n")
 
 
 def evaluate(
@@ -283,33 +329,18 @@ def evaluate(
     progress: bool = True,
 ) -> EvalReport:
     """Score every record; with `out`, write one JSON line of `ItemResult` per record."""
-    if not records:
-        raise ValueError("no grounding records to evaluate")
-    missing = [p for p in dict.fromkeys(r.image for r in records) if not p.is_file()]
-    if missing:  # before any model work, not as a worker traceback halfway through
-        raise FileNotFoundError(f"{missing[0]}: image not found ({len(missing)} images missing)")
-    loader = torch.utils.data.DataLoader(
-        _Batches(records, batch_size, source.preprocess), batch_size=None, num_workers=num_workers,
-    )
+    check_records(records)
+    batches = query_batches(records, source.preprocess, batch_size=batch_size, num_workers=num_workers)
     splits: dict[str, SplitMetrics] = defaultdict(SplitMetrics)
-    sink = None
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        sink = Path(out).open("w")
-    try:
-        with tqdm(total=len(records), desc="grounding eval", unit="query", disable=not progress) as bar:
-            for idx, pixels, image_index in loader:
-                recs = [records[i] for i in idx]
-                maps = source(pixels, [r.text for r in recs], image_index).detach().float()  # [N, gh, gw]
-                # upsampling + argmax where the maps are (the GPU in SelfEQ's scripts too)
-                points = pointing_points(maps, [(r.height, r.width) for r in recs])
-                for rec, heat, point in zip(recs, maps.cpu(), points):
-                    res = _score(rec, heat, point)
-                    splits[rec.split].add(res)
-                    if sink is not None:
-                        sink.write(json.dumps(asdict(res)) + "\n")
-                bar.update(len(recs))
-    finally:
-        if sink is not None:
-            sink.close()
+    with jsonl_sink(out) as write, tqdm(total=len(records), desc="grounding eval", unit="query",
+                                        disable=not progress) as bar:
+        for recs, pixels, image_index in batches:
+            maps = source(pixels, [r.text for r in recs], image_index).detach().float()  # [N, gh, gw]
+            # upsampling + argmax where the maps are (the GPU in SelfEQ's scripts too)
+            points = pointing_points(maps, [(r.height, r.width) for r in recs])
+            for rec, heat, point in zip(recs, maps.cpu(), points):
+                res = score_query(rec, heat, point, query_mask(rec))
+                splits[rec.split].add(res)
+                write(asdict(res))
+            bar.update(len(recs))
     return EvalReport(dict(splits))

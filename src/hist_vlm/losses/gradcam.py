@@ -3,6 +3,8 @@
 Rows never interact inside the fusion encoder, so the gradient of the SUM of all rows' match
 logits gives every row's own gradient: one `autograd.grad` call serves the whole batch.
 With `create_graph=True` the maps stay differentiable (second order) for the addition loss.
+Several layers (a layer combination, the layer/head sweep) are captured in the same single
+fusion pass, so their cost is one pass and one gradient call whatever their number.
 
 Token-averaging recipes (each caller names one):
   reference  ALBEF `Grounding.py`: padded tokens zeroed but the mean divides by the padded
@@ -36,12 +38,49 @@ def minmax_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def _token_mean(maps: Tensor, attention_mask: Tensor, recipe: str) -> Tensor:
-    """[N, T, P] per-token maps -> [N, P] under the named padding recipe."""
-    mask = attention_mask.to(maps.dtype).unsqueeze(-1)  # [N, T, 1]
-    total = (maps * mask).sum(1)  # [N, P]
+    """[N, ..., T, P] per-token maps -> [N, ..., P] under the named padding recipe."""
+    lead = (1,) * (maps.dim() - 3)
+    mask = attention_mask.to(maps.dtype).view(attention_mask.shape[0], *lead, -1, 1)  # [N, 1.., T, 1]
+    total = (maps * mask).sum(-2)  # [N, ..., P]
     if recipe == "reference":
-        return total / maps.shape[1]
-    return total / mask.sum(1).clamp(min=1.0)
+        return total / maps.shape[-2]
+    return total / mask.sum(-2).clamp(min=1.0)
+
+
+def _layer_cams(
+    model: VisionLanguageBackbone,
+    image_embeds: Tensor,
+    rows: TextRows,
+    layers: Sequence[int],
+    create_graph: bool,
+    text_embeds: Tensor | None,
+) -> list[Tensor]:
+    """ReLU(A * dA) of every layer in `layers` (repeats allowed): one [N, heads, T, P] per
+    entry, image-CLS column dropped. ONE fusion pass captures all the distinct layers and ONE
+    `autograd.grad` call gives every capture's gradient."""
+    distinct = tuple(dict.fromkeys(int(x) for x in layers))
+    # fused SDPA kernels (cuDNN, flash, mem-efficient) have no double backward: a
+    # create_graph pass must record the attention layers above the capture as plain math
+    math_sdpa = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+    with torch.enable_grad(), math_sdpa:
+        fused = model.fuse_rows(rows, image_embeds, text_embeds=text_embeds, capture_layer=distinct)
+        attns = fused.cross_attentions  # per distinct layer [N, heads, T, 1+P]
+        if len(attns) != len(distinct) or not all(a.requires_grad for a in attns):
+            raise RuntimeError(
+                "cross-attention was not captured in the autograd graph; GradCAM needs the model "
+                "parameters to require grad"
+            )
+        match = model.itm_logits(fused)[:, 1].sum()  # rows are independent: one scalar serves all
+        grads = torch.autograd.grad(match, attns, create_graph=create_graph)
+    cams = {x: (a * g).clamp(min=0)[..., 1:] for x, a, g in zip(distinct, attns, grads)}  # [N, heads, T, P]
+    return [cams[int(x)] for x in layers]
+
+
+def _check(layers: Sequence[int], recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown GradCAM recipe {recipe!r} (choose from {RECIPES})")
+    if not layers:
+        raise ValueError("gradcam_maps needs at least one layer")
 
 
 def gradcam_maps(
@@ -69,36 +108,15 @@ def gradcam_maps(
     """
     if normalize not in NORMALIZES:
         raise ValueError(f"unknown map normalisation {normalize!r} (choose from {NORMALIZES})")
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown GradCAM recipe {recipe!r} (choose from {RECIPES})")
+    _check(layers, recipe)
     if combine not in COMBINES:
         raise ValueError(f"unknown map combination {combine!r} (choose from {COMBINES})")
-    if not layers:
-        raise ValueError("gradcam_maps needs at least one layer")
     gh, gw = model.patch_grid
-    # fused SDPA kernels (cuDNN, flash, mem-efficient) have no double backward: a
-    # create_graph pass must record the attention layers above the capture as plain math
-    math_sdpa = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
-    with torch.enable_grad(), math_sdpa:
-        # one fusion pass per distinct layer; every pass's logits sum into one scalar, whose
-        # gradient w.r.t. each captured tensor is that pass's own (passes are independent)
-        attns: list[Tensor] = []
-        match = image_embeds.new_zeros(())
-        for layer in layers:
-            fused = model.fuse_rows(rows, image_embeds, text_embeds=text_embeds, capture_layer=layer)
-            if fused.cross_attention is None or not fused.cross_attention.requires_grad:
-                raise RuntimeError(
-                    "cross-attention was not captured in the autograd graph; GradCAM needs the model "
-                    "parameters to require grad"
-                )
-            attns.append(fused.cross_attention)  # [N, heads, T, 1+P]
-            match = match + model.itm_logits(fused)[:, 1].sum()
-        grads = torch.autograd.grad(match, attns, create_graph=create_graph)
-    if head is not None and not 0 <= head < attns[0].shape[1]:
-        raise ValueError(f"head {head} out of range: the cross-attention has {attns[0].shape[1]} heads")
+    cams = _layer_cams(model, image_embeds, rows, layers, create_graph, text_embeds)
+    if head is not None and not 0 <= head < cams[0].shape[1]:
+        raise ValueError(f"head {head} out of range: the cross-attention has {cams[0].shape[1]} heads")
     per_layer = []
-    for attn, grad in zip(attns, grads):
-        cam = (attn * grad).clamp(min=0)[..., 1:]  # [N, heads, T, P], image-CLS column dropped
+    for cam in cams:
         cam = cam.mean(1) if head is None else cam[:, head]  # [N, T, P]
         per_layer.append(_token_mean(cam, rows.attention_mask, recipe))  # [N, P]
     stacked = torch.stack(per_layer)  # [L, N, P]
@@ -106,4 +124,26 @@ def gradcam_maps(
     maps = maps.reshape(len(rows), gh, gw)
     if normalize == "minmax":
         maps = minmax_maps(maps)
+    return maps if create_graph else maps.detach()
+
+
+def gradcam_head_maps(
+    model: VisionLanguageBackbone,
+    image_embeds: Tensor,
+    rows: TextRows,
+    *,
+    layers: Sequence[int],
+    recipe: str = "train",
+    create_graph: bool = False,
+    text_embeds: Tensor | None = None,
+) -> Tensor:
+    """Every head's map of every layer in `layers`: [N, L, heads, gh, gw], from the same single
+    fusion pass and gradient call as `gradcam_maps`. The head mean and layer combinations of
+    `gradcam_maps` are (up to float rounding) means and products of these maps: what the
+    layer/head sweep (hist_vlm.eval.sweep) derives from one pass."""
+    _check(layers, recipe)
+    gh, gw = model.patch_grid
+    cams = torch.stack(_layer_cams(model, image_embeds, rows, layers, create_graph, text_embeds), 1)
+    maps = _token_mean(cams, rows.attention_mask, recipe)  # [N, L, heads, T, P] -> [N, L, heads, P]
+    maps = maps.view(*maps.shape[:3], gh, gw)  # [N, L, heads, gh, gw]
     return maps if create_graph else maps.detach()

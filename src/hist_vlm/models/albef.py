@@ -13,7 +13,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone
+from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone, captured_output, capture_layers
 from hist_vlm.models.tokenization import AlbefTokenizer
 
 # Names that ALBEF's YAML / config_bert.json use for the same sizes.
@@ -252,15 +252,15 @@ class AlbefBert(nn.Module):
         layers: range,
         image_embeds: Tensor | None = None,
         image_index: Tensor | None = None,
-        capture_block: int | None = None,  # absolute layer index whose cross-attention to return
-    ) -> tuple[Tensor, Tensor | None]:
+        capture_blocks: tuple[int, ...] = (),  # absolute layer indices whose cross-attention to return
+    ) -> tuple[Tensor, list[Tensor]]:
         mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0  # [N, 1, 1, T]
-        captured = None
+        captured: dict[int, Tensor] = {}
         for i in layers:
-            hidden, probs = self.encoder.layer[i](hidden, mask, image_embeds, image_index, i == capture_block)
-            if i == capture_block:
-                captured = probs
-        return hidden, captured
+            hidden, probs = self.encoder.layer[i](hidden, mask, image_embeds, image_index, i in capture_blocks)
+            if i in capture_blocks:
+                captured[i] = probs
+        return hidden, [captured[i] for i in capture_blocks]
 
 
 class AlbefTextEncoder(nn.Module):
@@ -289,20 +289,15 @@ class AlbefTextEncoder(nn.Module):
         attention_mask: Tensor,
         image_embeds: Tensor,
         image_index: Tensor | None,
-        capture_layer: int | None = None,
+        capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
         """Fusion mode, layers [fusion_layer, L), on the output of `text`."""
-        capture_block = None
-        if capture_layer is not None:
-            n_cross = self.num_layers - self.fusion_layer
-            if not 0 <= capture_layer < n_cross:
-                raise ValueError(f"capture_layer must be in [0, {n_cross}) (cross-attention layers), got {capture_layer}")
-            capture_block = self.fusion_layer + capture_layer
+        layers = capture_layers(capture_layer, self.num_layers - self.fusion_layer)
         hidden, probs = self.bert.run(
             text_embeds, attention_mask, range(self.fusion_layer, self.num_layers),
-            image_embeds, image_index, capture_block,
+            image_embeds, image_index, tuple(self.fusion_layer + x for x in layers),
         )
-        return FusionOutput(last_hidden_state=hidden, cross_attention=probs)
+        return captured_output(capture_layer, hidden, probs)
 
     def mlm_logits(self, input_ids, attention_mask, image_embeds, image_index) -> Tensor:
         """Multimodal pass over all layers + MLM head: [N, T] -> [N, T, vocab]."""
@@ -400,7 +395,7 @@ class _AlbefProtocol(VisionLanguageBackbone):
         attention_mask: Tensor,
         image_embeds: Tensor,
         image_index: Tensor | None = None,
-        capture_layer: int | None = None,
+        capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
         """See the protocol. `image_index=None` pairs row i with image i. The captured
         probabilities are `[N, heads, T, 1+P]`; index 2 with fusion_layer 6 is ALBEF's block 8."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +66,30 @@ class FusionOutput:
     last_hidden_state: Tensor        # [N, T, D]
     cross_attention: Tensor | None   # [N, heads, T, 1+P] softmax probabilities of the captured
                                      # layer, pre-dropout, still in the autograd graph
+    #: every captured layer's probabilities, in the order `capture_layer` named them (one
+    #: fusion pass can capture several layers: GradCAM's layer combinations, the layer sweep)
+    cross_attentions: tuple[Tensor, ...] = ()
+
+
+def capture_layers(capture_layer: int | Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+    """`capture_layer` as a tuple of distinct in-range cross-attention layers (() for None)."""
+    if capture_layer is None:
+        return ()
+    layers = (capture_layer,) if isinstance(capture_layer, int) else tuple(capture_layer)
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"capture_layer {bad[0]} out of range: the model has {n_layers} cross-attention layers")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"capture_layer {list(layers)} repeats a layer")
+    return layers
+
+
+def captured_output(
+    capture_layer: int | Sequence[int] | None, last_hidden_state: Tensor, probs: Sequence[Tensor]
+) -> FusionOutput:
+    """The FusionOutput of a pass that captured `probs` (in `capture_layer`'s order)."""
+    single = probs[0] if isinstance(capture_layer, int) else None
+    return FusionOutput(last_hidden_state, single, tuple(probs))
 
 
 class VisionLanguageBackbone(nn.Module, abc.ABC):
@@ -103,13 +128,14 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         attention_mask: Tensor,
         image_embeds: Tensor,
         image_index: Tensor,
-        capture_layer: int | None = None,
+        capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
         """Image-grounded text encoding of N rows against image_embeds[image_index].
 
         text_embeds [N, T, D] from `encode_text`; image_embeds [B, 1+P, Dv]; image_index [N].
         With `capture_layer` (0-based among cross-attention layers) the softmax
-        probabilities of that layer are returned in the graph, for GradCAM.
+        probabilities of that layer are returned in the graph, for GradCAM; a sequence of
+        distinct layers captures each of them in `cross_attentions` (`cross_attention` is None).
         """
 
     def fuse_rows(
@@ -118,7 +144,7 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         image_embeds: Tensor,
         *,
         text_embeds: Tensor | None = None,
-        capture_layer: int | None = None,
+        capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
         """Fusion of token rows: the entry point losses and GradCAM use. The default reuses
         `text_embeds` from `encode_text` (ALBEF: the fusion layers continue the text layers);

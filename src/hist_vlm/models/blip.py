@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from transformers import (
 )
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
-from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone
+from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone, captured_output, capture_layers
 
 #: BLIP's training text length (blip_retrieval / blip_pretrain)
 DEFAULT_MAX_LENGTH = 35
@@ -173,27 +174,24 @@ class BlipBackbone(VisionLanguageBackbone):
         image_embeds: Tensor,
         *,
         text_embeds: Tensor | None = None,
-        capture_layer: int | None = None,
+        capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
         """Image-grounded encoding of the rows; `text_embeds` is not needed (see module doc)."""
         ids = rows.input_ids
         if self.enc_token_id is not None:
             ids = ids.clone()
             ids[:, 0] = self.enc_token_id
-        captured: list[Tensor] = []
-        handle = None
-        if capture_layer is not None:
-            if not 0 <= capture_layer < self.num_cross_attention_layers:
-                raise ValueError(
-                    f"capture layer {capture_layer} out of range: BLIP has {self.num_cross_attention_layers}"
-                )
-            attn = self.retrieval.text_encoder.encoder.layer[capture_layer].crossattention.self
+        layers = capture_layers(capture_layer, self.num_cross_attention_layers)
+        captured: dict[int, Tensor] = {}
+        handles = []
+        for layer in layers:
+            attn = self.retrieval.text_encoder.encoder.layer[layer].crossattention.self
 
-            def keep_first(_mod, _inp, out) -> None:  # must return None (docs/reference_code.md)
-                if not captured:  # checkpoint recomputation fires the hook again
-                    captured.append(out[1])  # [N, heads, T, 1+P] softmax, pre-dropout
+            def keep_first(_mod, _inp, out, layer=layer) -> None:  # must return None (docs/reference_code.md)
+                captured.setdefault(layer, out[1])  # [N, heads, T, 1+P] softmax, pre-dropout; the
+                # first call only: checkpoint recomputation fires the hook again
 
-            handle = attn.register_forward_hook(keep_first)
+            handles.append(attn.register_forward_hook(keep_first))
         try:
             out = self.retrieval.text_encoder(
                 input_ids=ids,
@@ -201,9 +199,9 @@ class BlipBackbone(VisionLanguageBackbone):
                 encoder_hidden_states=image_embeds[rows.image_index],  # [N, 1+P, Dv]
             )
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-        return FusionOutput(out.last_hidden_state, captured[0] if captured else None)
+        return captured_output(capture_layer, out.last_hidden_state, [captured[x] for x in layers])
 
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         return self.retrieval.itm_head(fused.last_hidden_state[:, 0])  # [N, 2]
