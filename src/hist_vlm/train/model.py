@@ -28,7 +28,10 @@ def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = Non
         raise ConfigError(f"model.params.image_size={given} but data.image_size={image_size}: set one of them")
     if cfg.checkpoint is None:
         derived = {"vocab_file": str(vocab_file), "vocab_size": len(vocab)} if vocab is not None else {}
-        return build_backbone(cfg.name, {**cfg.params, "image_size": image_size, **derived})
+        try:
+            return build_backbone(cfg.name, {**cfg.params, "image_size": image_size, **derived})
+        except (TypeError, ValueError) as e:  # an unknown or ill-typed model.params key
+            raise ConfigError(f"model.params: {e}") from None
     from hist_vlm.models.loading import checkpoint_backbone, load_pretrained, resolve_checkpoint
 
     path = resolve_checkpoint(cfg.checkpoint)
