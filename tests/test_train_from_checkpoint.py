@@ -77,8 +77,21 @@ def _garbage_file(p):
 
 
 def _unsafe_pickle(p):
-    (p / "weights.pth").write_bytes(b"not a pickle at all")
+    import argparse
+
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1)}, p / "weights.pth")
     return p / "weights.pth"
+
+
+def _html_error_page(p):
+    (p / "ALBEF.pth").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>")
+    return p / "ALBEF.pth"
+
+
+def _truncated_download(p):
+    torch.save({"model": {"w": torch.zeros(64)}}, p / "full.pth")
+    (p / "ALBEF.pth").write_bytes((p / "full.pth").read_bytes()[:200])
+    return p / "ALBEF.pth"
 
 
 def _foreign_config(p):
@@ -95,7 +108,9 @@ def _config_without_weights(p):
     (_empty, EXPECTED),
     (_model_without_config, EXPECTED),
     (_garbage_file, "not a torch checkpoint"),
-    (_unsafe_pickle, "cannot be read safely"),
+    (_unsafe_pickle, "cannot be read safely: it holds argparse.Namespace objects"),
+    (_html_error_page, "is not a torch checkpoint (it starts with b'<!DO': a truncated download or a saved error page?)"),
+    (_truncated_download, "is a damaged torch checkpoint"),
     (_foreign_config, "cannot tell the backbone"),
     (_config_without_weights, "model.safetensors"),
 ])
@@ -108,6 +123,7 @@ def test_unreadable_checkpoints_are_one_line_errors(make, message, first_run, tm
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     assert res.output.startswith("error: model.checkpoint") and message in res.output
+    assert "weights_only=False" not in res.output  # never pass on torch's unsafe advice
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -131,3 +147,10 @@ def test_a_blip_training_checkpoint_loads_through_the_shared_loader(tmp_path):
     assert type(loaded).__name__ == "BlipBackbone"
     theirs = loaded.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in blip.state_dict().items())
+
+
+def test_a_typo_in_model_params_is_a_one_line_config_error(first_run, tmp_path):
+    world, _ = first_run
+    res = CliRunner().invoke(app, ["train", "demo_tiny", *tiny_overrides(*world, tmp_path / "run", "model.params.fusion_layr=1")])
+    assert res.exit_code == 2 and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert res.output.startswith("error: model.params: unknown ALBEF config key 'fusion_layr'")

@@ -69,6 +69,10 @@ def _compact(keys: list[str]) -> list[str]:
     return sorted(out)
 
 
+#: the first bytes of a torch.save file: a zip archive (torch >= 1.6) or a pickle (protocol 2+)
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def read_albef_state_dict(path_or_state: str | Path | dict) -> tuple[dict[str, Tensor], str]:
     """`{'model': sd, ...}` or a bare state dict, from a path (`torch.load(weights_only=True)`) or in memory."""
     if isinstance(path_or_state, dict):
@@ -78,14 +82,22 @@ def read_albef_state_dict(path_or_state: str | Path | dict) -> tuple[dict[str, T
         if not path.is_file():
             raise FileNotFoundError(f"no ALBEF checkpoint at {path}")
         source = str(path)
+        with path.open("rb") as f:
+            head = f.read(4)
+        if not head.startswith(_TORCH_MAGIC):
+            raise ValueError(f"{source} is not a torch checkpoint (it starts with {head!r}: a truncated "
+                             f"download or a saved error page?); expected an official ALBEF .pth") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            reason = str(err).strip().splitlines()[0]
-            raise ValueError(f"{source} cannot be read safely (torch.load weights_only=True): {reason}") from None
-        except Exception as err:  # noqa: BLE001 - arbitrary bytes make the unpickler fail in any way
-            raise ValueError(f"{source} is not a torch checkpoint file ({type(err).__name__}: "
-                             f"expected an official ALBEF .pth)") from None
+            # torch's message advises weights_only=False: unsafe for a foreign file, so keep only its cause
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            what = f"{found.group(1)} objects" if found else "objects other than tensors"
+            raise ValueError(f"{source} cannot be read safely: it holds {what} (only tensors and plain "
+                             f"containers are loaded, torch.load weights_only=True)") from None
+        except Exception as err:  # noqa: BLE001 - damaged bytes make the reader fail in any way
+            raise ValueError(f"{source} is a damaged torch checkpoint ({type(err).__name__}; a truncated "
+                             f"download?)") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{source} holds no state dict (expected {{'model': state_dict}} or a bare state dict)")
