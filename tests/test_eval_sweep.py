@@ -61,13 +61,14 @@ def test_grid_options():
     assert grid == [Setting((x,), h) for x in (1, 2, 3) for h in (None, 2)] + [
         Setting(g, h, "product") for g in ((1, 2), (1, 3), (2, 3)) for h in (None, 2)]
     assert build_grid(4, 3, layers="0", heads="1", combine="none") == [Setting((0,), 1)]
-    explicit = build_grid(4, 3, layers="2", heads="mean", combine="mean", pairs="0+3,1+2+3")
+    explicit = build_grid(4, 3, layers="2", heads="mean", combine="mean", pairs="3+0,1+2+3,0+3")
     assert explicit == [Setting((2,), None), Setting((0, 3), None, "mean"), Setting((1, 2, 3), None, "mean")]
 
 
 @pytest.mark.parametrize("option, value, message", [
     ("layers", "3", "sweep layer 3 out of range: the model has 3 (layers 0-2)"),
     ("layers", "0,x", "sweep layers '0,x': 'x' is not a number"),
+    ("layers", "2-1", "sweep layers '2-1': '2-1' is not a number or a range like 2-5"),
     ("heads", "mean,2", "sweep head 2 out of range: the model has 2 (heads 0-1)"),
     ("combine", "max", "sweep combine 'max': choose from mean, product or none"),
     ("pairs", "1", "sweep pairs '1': name two or more different layers"),
@@ -171,7 +172,7 @@ def test_csv_has_one_row_per_setting(world, tmp_path):
         assert {k: float(v) for k, v in r.items() if "." in k} == {
             f"{sp}.{m}": pytest.approx(v) for sp, ms in rep.summary().items() for m, v in ms.items()}
     n_test = sum(w.split == "test" and w.kind == "single" for w in world)
-    assert f"test pointing (n={n_test})" in report.table_lines()
+    assert f"test pointing (n={n_test})" in report.lines()
 
 
 def test_cli_sweep_prints_the_table_and_writes_csv(setup):

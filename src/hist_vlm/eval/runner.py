@@ -298,14 +298,18 @@ def check_records(records: Sequence[GroundingRecord]) -> None:
         raise FileNotFoundError(f"{missing[0]}: image not found ({len(missing)} images missing)")
 
 
-def query_batches(records: Sequence[GroundingRecord], preprocess, *, batch_size: int, num_workers: int):
-    """Yield (records, pixel_values [B, 3, H, W], image_index [N]) per batch of `batch_size`
-    records; images loaded and preprocessed in `num_workers` DataLoader workers."""
+def map_batches(records: Sequence[GroundingRecord], source: MapSource, *, batch_size: int, num_workers: int,
+                progress: bool, desc: str):
+    """Yield (records, raw maps of `source`, detached float) per batch of `batch_size` records,
+    images loaded and preprocessed in `num_workers` DataLoader workers, with a progress bar."""
     loader = torch.utils.data.DataLoader(
-        _Batches(records, batch_size, preprocess), batch_size=None, num_workers=num_workers,
+        _Batches(records, batch_size, source.preprocess), batch_size=None, num_workers=num_workers,
     )
-    for idx, pixels, image_index in loader:
-        yield [records[i] for i in idx], pixels, image_index
+    with tqdm(total=len(records), desc=desc, unit="query", disable=not progress) as bar:
+        for idx, pixels, image_index in loader:
+            recs = [records[i] for i in idx]
+            yield recs, source(pixels, [r.text for r in recs], image_index).detach().float()
+            bar.update(len(recs))
 
 
 @contextlib.contextmanager
@@ -330,17 +334,14 @@ def evaluate(
 ) -> EvalReport:
     """Score every record; with `out`, write one JSON line of `ItemResult` per record."""
     check_records(records)
-    batches = query_batches(records, source.preprocess, batch_size=batch_size, num_workers=num_workers)
     splits: dict[str, SplitMetrics] = defaultdict(SplitMetrics)
-    with jsonl_sink(out) as write, tqdm(total=len(records), desc="grounding eval", unit="query",
-                                        disable=not progress) as bar:
-        for recs, pixels, image_index in batches:
-            maps = source(pixels, [r.text for r in recs], image_index).detach().float()  # [N, gh, gw]
+    with jsonl_sink(out) as write:
+        for recs, maps in map_batches(records, source, batch_size=batch_size, num_workers=num_workers,
+                                      progress=progress, desc="grounding eval"):  # maps [N, gh, gw]
             # upsampling + argmax where the maps are (the GPU in SelfEQ's scripts too)
             points = pointing_points(maps, [(r.height, r.width) for r in recs])
             for rec, heat, point in zip(recs, maps.cpu(), points):
                 res = score_query(rec, heat, point, query_mask(rec))
                 splits[rec.split].add(res)
                 write(asdict(res))
-            bar.update(len(recs))
     return EvalReport(dict(splits))

@@ -24,7 +24,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from hist_vlm._io import atomic_write_text
 from hist_vlm.data.grounding import GroundingRecord
@@ -33,14 +32,16 @@ from hist_vlm.eval.runner import (
     EvalReport,
     GradcamMaps,
     SplitMetrics,
-    format_pct,
     check_records,
+    format_pct,
     jsonl_sink,
-    query_batches,
+    map_batches,
+    model_image_size,
     query_mask,
     score_query,
 )
 from hist_vlm.losses.gradcam import COMBINES, gradcam_head_maps
+from hist_vlm.models.base import TextRows
 
 #: the default grid: every layer, the head mean and every head, and both combinations of
 #: each pair of neighbouring layers
@@ -81,9 +82,12 @@ def _ints(text: str, what: str) -> list[int]:
         part = part.strip()
         lo, sep, hi = part.partition("-")
         try:
-            out.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
+            values = list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
         except ValueError:
-            raise ValueError(f"sweep {what} {text!r}: {part!r} is not a number or a range like 2-5") from None
+            values = []
+        if not values:
+            raise ValueError(f"sweep {what} {text!r}: {part!r} is not a number or a range like 2-5")
+        out.extend(values)
     return out
 
 
@@ -141,7 +145,7 @@ def _groups(pairs: str, layers: list[int], n_layers: int) -> list[tuple[int, ...
         return [(a, b) for i, a in enumerate(layers) for b in layers[i + 1:]]
     groups = []
     for part in pairs.split(","):
-        group = tuple(_ints(part.replace("+", ","), "pairs"))
+        group = tuple(sorted(_ints(part.replace("+", ","), "pairs")))  # mean and product commute
         if len(group) < 2 or len(set(group)) != len(group):
             raise ValueError(f"sweep pairs {part!r}: name two or more different layers joined by +, e.g. 7+8")
         _in_range(group, n_layers, "layer")
@@ -152,9 +156,6 @@ def _groups(pairs: str, layers: list[int], n_layers: int) -> list[tuple[int, ...
 def cross_attention_heads(model) -> int:
     """Heads of the cross-attention: the protocol does not name them, so one tiny no-grad
     fusion pass reads them off the captured probabilities."""
-    from hist_vlm.eval.runner import model_image_size
-    from hist_vlm.models.base import TextRows
-
     param = next(model.parameters())
     size = model_image_size(model)
     ids, mask = model.tokenize(["a"])
@@ -228,7 +229,7 @@ class SweepReport:
         writer.writerows(rows)
         atomic_write_text(path, buf.getvalue())
 
-    def table_lines(self) -> list[str]:
+    def lines(self) -> list[str]:
         """Table 7's eval axis, one block per split and headline metric (single-object pointing;
         composite both-hit where there are composite queries): a row per layer or combination,
         a column per head choice, then the best setting."""
@@ -267,19 +268,15 @@ def evaluate_sweep(
     """Score every record under every setting of `source` in one pass over the data; with
     `out`, one JSON line per (record, setting): the `ItemResult` plus its "setting" label."""
     check_records(records)
-    batches = query_batches(records, source.preprocess, batch_size=batch_size, num_workers=num_workers)
     metrics = [defaultdict(SplitMetrics) for _ in source.settings]
-    with jsonl_sink(out) as write, tqdm(total=len(records), desc="layer/head sweep", unit="query",
-                                        disable=not progress) as bar:
-        for recs, pixels, image_index in batches:
-            maps = source(pixels, [r.text for r in recs], image_index).detach().float()  # [N, S, gh, gw]
-            heats = maps.cpu()
-            for rec, per_query, heat in zip(recs, maps, heats):
+    with jsonl_sink(out) as write:
+        for recs, maps in map_batches(records, source, batch_size=batch_size, num_workers=num_workers,
+                                      progress=progress, desc="layer/head sweep"):  # maps [N, S, gh, gw]
+            for rec, per_query, heat in zip(recs, maps, maps.cpu()):
                 ids = query_mask(rec)
                 points = _setting_points(per_query, (rec.height, rec.width))
                 for s, splits, h, point in zip(source.settings, metrics, heat, points):
                     res = score_query(rec, h, point, ids)
                     splits[rec.split].add(res)
                     write({"setting": s.label, **asdict(res)})
-            bar.update(len(recs))
     return SweepReport(source.settings, tuple(EvalReport(dict(m)) for m in metrics))
