@@ -270,7 +270,7 @@ def load_benchmark(
     refcoco+ / refclef: REFER folders under data_root; test jsons `ann_files` (default: the
     `<name>_*val*.json` and `<name>_*test*.json` files in data_root); image paths in the jsons are
     joined to `image_root` (default data_root). flickr30k: info-ground files in data_root, images in
-    `image_root` (default data_root/flickr30k_images), splits val and test. synthetic:
+    `image_root` (default data_root/flickr30k-images or flickr30k_images), splits val and test. synthetic:
     data_root/grounding.jsonl. `splits` keeps only those splits.
     """
     root = Path(data_root)
@@ -289,7 +289,10 @@ def load_benchmark(
         wanted = list(splits) if splits else [s for s in ("val", "test") if (root / f"{s}.txt").is_file()]
         if not wanted:
             raise GroundingFileError(f"{root}: no val.txt or test.txt image-id files")
-        images = Path(image_root) if image_root else root / "flickr30k_images"
+        # the official download unpacks to flickr30k-images/; some preprocessed copies use flickr30k_images/
+        default = next((root / n for n in ("flickr30k-images", "flickr30k_images") if (root / n).is_dir()),
+                       root / "flickr30k-images")
+        images = Path(image_root) if image_root else default
         records = [r for s in wanted for r in read_flickr30k(root, images, s)]
     else:
         records = read_synthetic(root / "grounding.jsonl")
