@@ -65,6 +65,19 @@ def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combi
         raise typer.BadParameter(str(e)) from None
 
 
+def sweep_source(config: Optional[Path], checkpoint: Path, device, image_size, grid: dict):
+    """(GradcamSweep over the grid named by the --sweep-* options, training config); a grid
+    value the model cannot take (layer or head out of range, unknown combine) is one line."""
+    from hist_vlm.eval.sweep import GradcamSweep, build_grid, cross_attention_heads
+
+    model, cfg = load_model(config, checkpoint, image_size)
+    try:
+        settings = build_grid(model.num_cross_attention_layers, cross_attention_heads(model), **grid)
+        return GradcamSweep(model, settings, device=resolve_device(device)), cfg
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 @eval_app.command("pointing")
 def pointing(
     config: Path = CONFIG,
@@ -74,7 +87,7 @@ def pointing(
     ann: list[Path] = typer.Option([], "--ann", help="RefCOCO+/ReferIt test json(s); default: <name>_*val*/*test*.json in --data-root."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Where the image paths of the annotations start."),
     split: list[str] = typer.Option([], "--split", help="Only these splits (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Per-query results, JSONL."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Per-query results, JSONL (with --sweep: a line per query and setting)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     num_workers: int = NUM_WORKERS,
     device: str = DEVICE,
@@ -82,18 +95,34 @@ def pointing(
     head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
     combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (RefCOCO+/ReferIt: 384)."),
+    sweep: bool = typer.Option(False, "--sweep", help="The layer/head study (paper Table 7): every setting of the --sweep-* grid in one pass (docs/sweep.md)."),
+    sweep_layers: Optional[str] = typer.Option(None, "--sweep-layers", help="Layers of the sweep, 0-based: all (default) | 6,7,8 | 6-8."),
+    sweep_heads: Optional[str] = typer.Option(None, "--sweep-heads", help="Heads of the sweep: all (default: the head mean and each head) | mean,9,10."),
+    sweep_combine: Optional[str] = typer.Option(None, "--sweep-combine", help="Layer combinations: mean,product (default) | mean | product | none."),
+    sweep_pairs: Optional[str] = typer.Option(None, "--sweep-pairs", help="Layers combined: adjacent (default) | all | 7+8,6+8."),
+    sweep_csv: Optional[Path] = typer.Option(None, "--sweep-csv", help="The sweep's table, one row per setting; default: OUT.sweep.csv, or RUN/sweep_DATA.csv without --out."),
 ) -> None:
     """Pointing-game accuracy per split (and multi-object metrics on the synthetic world).
 
     Composite ("A and B") queries also report any-box pointing, the share whose top-4 points
-    hit both objects, and the cIoU of the masks those points pick.
+    hit both objects, and the cIoU of the masks those points pick. With --sweep, a grid of
+    GradCAM layers, heads and layer combinations is scored in one pass over the data.
     """
     from hist_vlm.data.grounding import GroundingFileError, load_benchmark
     from hist_vlm.eval.runner import evaluate
+    from hist_vlm.eval.sweep import evaluate_sweep
 
     if data not in BENCHMARKS:
         raise typer.BadParameter(f"--data {data!r}: choose one of {', '.join(BENCHMARKS)}")
-    source, cfg = gradcam_source(config, checkpoint, layers, head, combine, device, image_size)
+    grid = dict(layers=sweep_layers, heads=sweep_heads, combine=sweep_combine, pairs=sweep_pairs)
+    if sweep and (layers or head is not None or combine):
+        raise typer.BadParameter("--layer/--head/--combine pick one setting; a sweep's grid is set with --sweep-layers, --sweep-heads, --sweep-combine, --sweep-pairs")
+    if not sweep and (sweep_csv is not None or any(v is not None for v in grid.values())):
+        raise typer.BadParameter("the --sweep-* options need --sweep")
+    if sweep:
+        source, cfg = sweep_source(config, checkpoint, device, image_size, grid)
+    else:
+        source, cfg = gradcam_source(config, checkpoint, layers, head, combine, device, image_size)
     if data_root is None:
         if data != "synthetic":
             raise typer.BadParameter("--data-root is required for real benchmarks")
@@ -104,15 +133,23 @@ def pointing(
         raise typer.BadParameter(str(e)) from None
     if not records:
         raise typer.BadParameter(f"no queries in {data_root} for splits {split or 'all'}")
-    typer.echo(f"{len(records)} queries from {data} ({data_root}); layers {list(source.layers)}, "
-               f"head {source.head if source.head is not None else 'mean'}, device {source.device}")
+    if sweep:
+        what = f"sweep of {len(source.settings)} settings, layers {list(source.layers)} captured in one pass"
+    else:
+        what = f"layers {list(source.layers)}, head {source.head if source.head is not None else 'mean'}"
+    typer.echo(f"{len(records)} queries from {data} ({data_root}); {what}, device {source.device}")
     try:
-        report = evaluate(records, source, batch_size=batch_size, num_workers=num_workers, out=out)
+        report = (evaluate_sweep if sweep else evaluate)(
+            records, source, batch_size=batch_size, num_workers=num_workers, out=out)
     except FileNotFoundError as e:
         raise typer.BadParameter(str(e)) from None
     for line in report.lines():
         typer.echo(line)
-    if out is not None:
+    if sweep:
+        csv_path = sweep_csv or (out.with_suffix(".sweep.csv") if out else Path(cfg.run.dir) / f"sweep_{data}.csv")
+        report.write_csv(csv_path, checkpoint=str(checkpoint), data=data)
+        typer.echo(f"sweep table: {csv_path}" + (f"; per-query results: {out}" if out else ""))
+    elif out is not None:
         summary_path = out.with_suffix(".summary.json")
         summary_path.write_text(json.dumps(report.summary(), indent=2) + "\n")
         typer.echo(f"per-query results: {out}; summary: {summary_path}")
