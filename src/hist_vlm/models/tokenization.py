@@ -128,6 +128,10 @@ class AlbefTokenizer:
     def mask_token_id(self) -> int:
         return self._tok.mask_token_id
 
+    @property
+    def sep_token_id(self) -> int:
+        return self._tok.sep_token_id
+
     def __call__(self, texts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
         if isinstance(texts, str):
             texts = [texts]
