@@ -9,7 +9,10 @@ each part costs, forward AND backward. Inside each step the forward is split by 
 `torch.profiler.record_function` ranges that this script wraps around the library's functions
 (the library itself is not instrumented): total time per range, as the profiler measures it
 (ranges nest: the momentum passes are inside the text / MLM ranges that call them).
-Peak memory: CUDA max allocated, or on CPU the peak RSS delta (as bench_step.py).
+Peak memory: CUDA max allocated, or on CPU the peak RSS delta (as bench_step.py; it depends on
+the allocator and on other processes). Saved activations: the distinct storages autograd keeps
+for backward during one forward, parameters and buffers excluded: a deterministic measure of the
+activation memory a step holds.
 """
 from __future__ import annotations
 
@@ -86,6 +89,26 @@ class ProfiledStepper(Stepper):
             self.opt.step()
 
 
+def saved_activation_mib(stepper: ProfiledStepper) -> float:
+    """MiB of distinct tensor storages autograd saves for backward during one forward: the
+    activation memory of the step, deterministic (no allocator caching, no other processes)."""
+    weights = {p.untyped_storage().data_ptr() for p in [*stepper.model.parameters(), *stepper.model.buffers(),
+                                                          *stepper.loss_fn.parameters(), *stepper.loss_fn.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:  # parameters and queues are held anyway
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    autocast = torch.autocast(stepper.device.type, dtype=torch.bfloat16) if stepper.bf16 else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        out = stepper.loss_fn(stepper.model, stepper.batch, progress=0.5)
+    del out
+    return sum(seen.values()) / 2**20
+
+
 def _no_addition(self, model, image_embeds, batch):
     return image_embeds.new_zeros(())
 
@@ -125,7 +148,7 @@ def run_variant(args) -> dict:
     for _ in range(args.warmup):
         stepper.step()
     ms, peak = stepper.timed(args.steps)
-    return {"ms": ms, "peak": peak, "ranges": profile_step(stepper, device)}
+    return {"ms": ms, "peak": peak, "saved": saved_activation_mib(stepper), "ranges": profile_step(stepper, device)}
 
 
 def main() -> None:
@@ -156,11 +179,12 @@ def main() -> None:
     mem = "peak CUDA alloc MiB" if args.device.startswith("cuda") else "peak RSS delta MiB"
     print(f"\n{args.backbone} {args.size}, batch {n}, {args.device}, bf16={args.bf16}, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up, one process per variant\n")
-    print(f"| step | ms/step | {mem} | vs baseline (time, memory) |\n|---|---|---|---|")
+    print(f"| step | ms/step | {mem} | saved activations MiB | vs baseline (time, memory, activations) |\n"
+          f"|---|---|---|---|---|")
     base = variants["baseline"]
     for name, v in variants.items():
-        print(f"| {name} | {v['ms']:.0f} | {v['peak']:.0f} | "
-              f"{v['ms'] / base['ms']:.2f}x, {v['peak'] / max(base['peak'], 1e-9):.2f}x |")
+        print(f"| {name} | {v['ms']:.0f} | {v['peak']:.0f} | {v['saved']:.0f} | {v['ms'] / base['ms']:.2f}x, "
+              f"{v['peak'] / max(base['peak'], 1e-9):.2f}x, {v['saved'] / base['saved']:.2f}x |")
     labels = ["forward (all losses)"] + [r[0] for r in RANGES] + ["backward (incl. double backward)", "optimizer (AdamW)"]
     print("\n| range (profiled step, ms) | " + " | ".join(variants) + " |\n|---|" + "---|" * len(variants))
     for label in labels:

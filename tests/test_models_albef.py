@@ -62,6 +62,10 @@ def test_text_then_fusion_equals_multimodal_pass(model):
         fused = model.fuse(model.encode_text(ids, mask), mask, image, index)
         via_fusion = model.text_encoder.cls(fused.last_hidden_state)
         assert torch.allclose(model.mlm_logits(ids, mask, image, index), via_fusion, atol=1e-5)
+        chosen = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3  # [N, T]
+        some = model.mlm_logits(ids, mask, image, index, positions=chosen)  # [K, V]
+        assert some.shape == (int(chosen.sum()), via_fusion.shape[-1])
+        assert torch.allclose(some, via_fusion[chosen], atol=1e-5)
         assert fused.cross_attention is None
         assert model.encode_text(ids, mask).shape == (4, ids.shape[1], 32)
         assert image.shape == (2, 17, 32)

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hist_vlm.losses.distributed import gather_no_grad, global_mean, local_shard, world
@@ -204,18 +205,19 @@ class HistLoss(nn.Module):
             masked.append(TextRows(ids, rows.attention_mask, rows.image_index))
             labels.append(lab)
         allm = cat_rows(*masked, pad_id=tok.pad_token_id)
-        logits = model.mlm_logits(allm.input_ids, allm.attention_mask, image_embeds, allm.image_index)  # [M, T, V]
+        width = allm.input_ids.shape[1]
+        chosen = torch.cat([F.pad(lab, (0, width - lab.shape[1]), value=-100) for lab in labels]) != -100  # [M, T]
+        # the vocab-wide head only on the chosen tokens (~15 %): [K, V], kinds in order, row-major
+        args = (allm.input_ids, allm.attention_mask)
+        logits = model.mlm_logits(*args, image_embeds, allm.image_index, positions=chosen)
         logits_m = None
         if twin is not None and alpha > 0:
             with torch.no_grad():
-                logits_m = twin.mlm_logits(allm.input_ids, allm.attention_mask, image_embeds_m, allm.image_index)
-        sizes = [len(r) for r in kinds]
-        out = []
-        for i, (lab, lg) in enumerate(zip(labels, logits.split(sizes))):
-            t = lab.shape[1]
-            lg_m = None if logits_m is None else logits_m.split(sizes)[i][:, :t]
-            out.append(mlm_loss(lg[:, :t], lab, lg_m, alpha))
-        return out
+                logits_m = twin.mlm_logits(*args, image_embeds_m, allm.image_index, positions=chosen)
+        counts = [int(n) for n in torch.stack([(lab != -100).sum() for lab in labels]).tolist()]
+        targets = [lab[lab != -100] for lab in labels]
+        parts_m = [None] * len(kinds) if logits_m is None else logits_m.split(counts)
+        return [mlm_loss(lg, lab, lg_m, alpha) for lg, lab, lg_m in zip(logits.split(counts), targets, parts_m)]
 
     def _addition(self, model, image_embeds, batch: HistBatch) -> Tensor:
         n = len(batch.pair_first)

@@ -42,10 +42,11 @@ def mask_tokens(
 def mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None = None, alpha: float = 0.0) -> Tensor:
     """Global mean over masked tokens of (1-alpha) CE + alpha * soft CE against the momentum
     model (log_softmax over the VOCABULARY; SelfEQ's dim=1 is a bug, docs/reference_code.md)."""
-    sel = labels != -100  # [N, T]
-    logp = F.log_softmax(fp32_or_wider(logits), dim=-1)  # [N, T, V]
-    ce = F.nll_loss(logp.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [N, T]
+    labels = labels.reshape(-1)  # [N*T], or [K] when the caller kept only the masked tokens
+    sel = labels != -100
+    logp = F.log_softmax(fp32_or_wider(logits), dim=-1).reshape(-1, logits.shape[-1])  # [N*T | K, V]
+    ce = F.nll_loss(logp, labels.clamp(min=0), reduction="none")  # [N*T | K]
     if logits_m is not None and alpha > 0:
-        soft = -(F.softmax(fp32_or_wider(logits_m), dim=-1) * logp).sum(-1)  # [N, T]
+        soft = -(F.softmax(fp32_or_wider(logits_m), dim=-1).reshape_as(logp) * logp).sum(-1)
         ce = (1 - alpha) * ce + alpha * soft
     return global_mean(ce, sel)

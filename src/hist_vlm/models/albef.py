@@ -299,11 +299,13 @@ class AlbefTextEncoder(nn.Module):
         )
         return captured_output(capture_layer, hidden, probs)
 
-    def mlm_logits(self, input_ids, attention_mask, image_embeds, image_index) -> Tensor:
-        """Multimodal pass over all layers + MLM head: [N, T] -> [N, T, vocab]."""
+    def mlm_logits(self, input_ids, attention_mask, image_embeds, image_index, positions=None) -> Tensor:
+        """Multimodal pass over all layers + MLM head: [N, T] -> [N, T, vocab], or [K, vocab] for
+        the K True entries of `positions` [N, T] (row-major): the head is per token, so only the
+        masked tokens need its vocab-wide matmul."""
         hidden = self.bert.embeddings(input_ids=input_ids)
         hidden = self.bert.run(hidden, attention_mask, range(self.num_layers), image_embeds, image_index)[0]
-        return self.cls(hidden)
+        return self.cls(hidden if positions is None else hidden[positions])
 
 
 def _init_bert(module: nn.Module, std: float) -> None:
@@ -403,12 +405,14 @@ class _AlbefProtocol(VisionLanguageBackbone):
         return self._towers().text.fusion(text_embeds, attention_mask, image_embeds, image_index, capture_layer)
 
     def mlm_logits(
-        self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_index: Tensor | None = None
+        self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_index: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
         """Full multimodal pass + MLM head: input_ids [N, T] (already masked by the caller),
-        image_embeds [B, 1+P, Dv] gathered by image_index [N] -> logits [N, T, vocab]."""
+        image_embeds [B, 1+P, Dv] gathered by image_index [N] -> logits [N, T, vocab]; with
+        `positions` (bool [N, T]) only those tokens' logits, [K, vocab] in row-major order."""
         _check_pairing(image_index, input_ids.shape[0], image_embeds)
-        return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, image_index)
+        return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, image_index, positions)
 
 
 class AlbefModel(_AlbefProtocol):
