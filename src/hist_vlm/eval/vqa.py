@@ -150,3 +150,53 @@ def write_results(path: str | Path, answers: Iterable[tuple[int | str, str]]) ->
     rows = [{"question_id": qid, "answer": answer} for qid, answer in answers]
     atomic_write_text(path, json.dumps(rows))
     return Path(path)
+
+
+class _Questions:
+    """Map-style dataset of (index, image tensor) for the questions, images loaded in workers."""
+
+    def __init__(self, records, roots: dict[str, Path], transform) -> None:
+        self.records, self.roots, self.transform = records, roots, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        rec = self.records[i]
+        path = self.roots.get(rec.dataset, self.roots["vqa"]) / rec.image
+        try:
+            with Image.open(path) as im:
+                return i, self.transform(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"question {rec.question_id}: cannot read image {path} ({e})") from None
+
+
+def answer_questions(model, records, candidates: Sequence[str], roots: dict[str, Path], *, k: int = 128,
+                     batch_size: int = 32, max_length: int = 25, num_workers: int = 0, device: str = "cpu",
+                     progress: bool = True) -> list[tuple[int | str | None, str]]:
+    """(question_id, best candidate) for every record, by the model's ranking inference:
+    questions in batches, all candidates tokenized once and kept on the device."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from hist_vlm.eval.runner import eval_transform
+    from hist_vlm.models.base import TextRows
+
+    model = model.to(device).eval()
+    ids, mask = model.tokenize_answers(list(candidates))                              # [C, Ta]
+    cands = TextRows(ids, mask, torch.zeros(len(ids), dtype=torch.long)).to(device)
+    loader = DataLoader(_Questions(records, roots, eval_transform(model)), batch_size=batch_size,
+                        num_workers=num_workers)
+    out: list[tuple[int | str | None, str]] = []
+    with tqdm(total=len(records), desc="vqa", unit="q", disable=not progress) as bar:
+        for index, pixels in loader:
+            questions = [records[i].question for i in index.tolist()]
+            q_ids, q_mask = model.tokenize_question(questions, max_length)
+            rows = TextRows(q_ids, q_mask, torch.arange(len(questions))).to(device)
+            best = model.rank_answers(pixels.to(device), rows, cands, k)[0][:, 0].tolist()
+            out += [(records[i].question_id, candidates[c]) for i, c in zip(index.tolist(), best)]
+            bar.update(len(questions))
+    return out

@@ -136,13 +136,45 @@ class RunConfig:
 
 
 @dataclass
+class VqaConfig:
+    """`task: vqa`: ALBEF's VQA fine-tuning (docs/vqa.md). The data are ALBEF's json files; batch
+    size, image size, crop, flip, text length and workers come from the `data` section."""
+
+    train_files: list[str] = field(default_factory=list)   # vqa_train.json, vqa_val.json, vg_qa.json
+    image_root: str = ""             # the "image" paths of VQA records (COCO) are relative to this
+    vg_image_root: str = ""          # ... and those of VG records ("dataset": "vg") to this
+    answer_list: str = ""            # the candidates `hist-vlm eval vqa` ranks (answer_list.json)
+    decoder_layers: int | None = None   # None: as many as the backbone's fusion layers (ALBEF: 6)
+    distill: bool = True             # momentum copies + distillation of the answer tokens
+    alpha: float = 0.4               # distillation weight, ramped over epoch 0
+    momentum: float = 0.995
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)   # the synthetic VQA set
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha > 0 and not self.distill:
+            raise ValueError("alpha > 0 needs distill=true (the momentum copies give the soft targets)")
+
+
+TASKS = ("hist", "vqa")
+
+
+@dataclass
 class TrainConfig:
+    #: what is trained: "hist" (HIST / ALBEF objectives on `hist-vlm parse` output) or "vqa"
+    task: str = "hist"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: HistLossConfig = field(default_factory=HistLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    vqa: VqaConfig = field(default_factory=VqaConfig)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

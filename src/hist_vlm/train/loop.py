@@ -188,29 +188,51 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _records(cfg: TrainConfig, env: Environment, run_dir: Path):
-    """The training records (the synthetic world is built first when asked) and the image root."""
-    phrases, image_root = prepare_data(cfg.data, run_dir, env.is_main, env.barrier)
-    records, dropped = read_parse_output(phrases)
-    if dropped and env.is_main:
-        tqdm.write(f"{dropped} images of {phrases} have no phrase and are left out")
-    return records, image_root
+class HistTask:
+    """The HIST / ALBEF objectives on `hist-vlm parse` output (every preset but the VQA ones).
+
+    A task is what the loop asks of a kind of training: constructed before seeding (it reads the
+    data, which a derived vocabulary needs), then `build_model()`, `objective(model)` and
+    `loader(model)`; `hist_vlm.train.vqa.VqaTask` is the other one."""
+
+    def __init__(self, cfg: TrainConfig, env: Environment, run_dir: Path, resume: bool) -> None:
+        self.cfg, self.env = cfg, env
+        phrases, self.image_root = prepare_data(cfg.data, run_dir, env.is_main, env.barrier)
+        self.records, dropped = read_parse_output(phrases)
+        if dropped and env.is_main:
+            tqdm.write(f"{dropped} images of {phrases} have no phrase and are left out")
+        self.vocab, self.vocab_file = derive_vocabulary(cfg.model, self.records, run_dir, resume=resume,
+                                                        is_main=env.is_main, barrier=env.barrier)
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg.model, self.cfg.data.image_size, self.vocab, self.vocab_file)
+
+    def objective(self, model) -> torch.nn.Module:
+        return HistLoss(self.cfg.loss, model)
+
+    def loader(self, model) -> tuple[GlobalBatchSampler, DataLoader]:
+        """This rank's batches: the sampler cuts global batches, the collate tokenizes."""
+        cfg, env = self.cfg, self.env
+        sampler = GlobalBatchSampler(
+            len(self.records), cfg.data.batch_size, world_size=env.world_size, rank=env.rank,
+            grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed,
+        )
+        dataset = HistDataset(
+            self.records, self.image_root, cfg.data.image_size, seed=cfg.run.seed,
+            crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+        )
+        collate = HistCollate(model.tokenize, cfg.data.max_length, cfg.data.pad_to_max_length)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                            pin_memory=env.device.type == "cuda")
+        return sampler, loader
 
 
-def _loader(cfg: TrainConfig, env: Environment, records, image_root: Path, tokenize) -> tuple[GlobalBatchSampler, DataLoader]:
-    """This rank's batches: the sampler cuts global batches, the collate tokenizes."""
-    sampler = GlobalBatchSampler(
-        len(records), cfg.data.batch_size, world_size=env.world_size, rank=env.rank,
-        grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed,
-    )
-    dataset = HistDataset(
-        records, image_root, cfg.data.image_size, seed=cfg.run.seed,
-        crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
-    )
-    collate = HistCollate(tokenize, cfg.data.max_length, cfg.data.pad_to_max_length)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                        pin_memory=env.device.type == "cuda")
-    return sampler, loader
+def _task(cfg: TrainConfig, env: Environment, run_dir: Path, resume: bool):
+    if cfg.task == "vqa":
+        from hist_vlm.train.vqa import VqaTask
+
+        return VqaTask(cfg, env, run_dir, resume)
+    return HistTask(cfg, env, run_dir, resume)
 
 
 def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> TrainResult:
@@ -222,18 +244,16 @@ def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> Tr
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    records, image_root = _records(cfg, env, run_dir)  # before the model: it may take its vocabulary from them
-    vocab, vocab_file = derive_vocabulary(cfg.model, records, run_dir, resume=resume, is_main=env.is_main,
-                                          barrier=env.barrier)
+    task = _task(cfg, env, run_dir, resume)  # reads the data before the model: it may take its vocabulary from them
     _seed_everything(cfg.run.seed)  # the same initial weights on every rank (and broadcast below)
 
-    model = build_model(cfg.model, cfg.data.image_size, vocab, vocab_file).to(env.device)
-    objective = HistLoss(cfg.loss, model).to(env.device)
+    model = task.build_model().to(env.device)
+    objective = task.objective(model).to(env.device)
     broadcast_parameters(model)
     broadcast_parameters(objective)
     named = trainable_parameters(model, objective)
     params = [p for _, p in named]
-    sampler, loader = _loader(cfg, env, records, image_root, model.tokenize)
+    sampler, loader = task.loader(model)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.schedule.epochs * steps_per_epoch
     optimizer = build_optimizer(named, cfg.optim)

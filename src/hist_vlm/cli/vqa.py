@@ -1,0 +1,61 @@
+"""`hist-vlm eval vqa`: answer a VQA file with a fine-tuned VQA checkpoint by ranking the candidate
+answer list, write the official results file, and score it (VQA v2 accuracy, per answer type)
+when the file has annotator answers (docs/vqa.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hist_vlm.cli.eval import CHECKPOINT, CONFIG, DEVICE, NUM_WORKERS, eval_app, resolve_device
+
+
+@eval_app.command("vqa")
+def vqa(
+    config: Path = CONFIG,
+    checkpoint: Path = CHECKPOINT,
+    data: Path = typer.Option(..., "--data", help="Questions in ALBEF's json layout (vqa_val.json, vqa_test.json, the synthetic vqa_val.json)."),
+    answer_list: Optional[Path] = typer.Option(None, "--answer-list", help="Candidate answers (answer_list.json); default: the config's vqa.answer_list, or the file beside --data."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Where the image paths of --data start; default: the config's vqa.image_root, else the folder of --data."),
+    vg_image_root: Optional[Path] = typer.Option(None, "--vg-image-root", help="Image root of records with \"dataset\": \"vg\"."),
+    k: int = typer.Option(128, "--k", min=1, help="Candidates kept by first-token probability, then re-ranked by sequence likelihood (ALBEF: 128)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results file [{question_id, answer}]; default RUN/vqa_results_<data>.json."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    num_workers: int = NUM_WORKERS,
+    device: str = DEVICE,
+) -> None:
+    """VQA accuracy (overall and per answer type) and the results file for the evaluation server."""
+    from hist_vlm.data.vqa import read_answer_list, read_vqa_file
+    from hist_vlm.eval.vqa import answer_questions, score_answers, write_results
+    from hist_vlm.models.albef_vqa import load_vqa_model
+    from hist_vlm.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+        model = load_vqa_model(checkpoint)
+        records = read_vqa_file(data, need_answers=False)
+        answer_list = answer_list or (Path(cfg.vqa.answer_list) if cfg.vqa.answer_list else data.parent / "answer_list.json")
+        candidates = read_answer_list(answer_list)
+    except (ConfigError, ValueError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    root = image_root or (Path(cfg.vqa.image_root) if cfg.vqa.image_root else data.parent)
+    vg_root = vg_image_root or (Path(cfg.vqa.vg_image_root) if cfg.vqa.vg_image_root else root)
+    out = out or Path(cfg.run.dir) / f"vqa_results_{data.stem}.json"
+    dev = resolve_device(device)
+    typer.echo(f"{len(records)} questions from {data}; {len(candidates)} candidate answers, k={min(k, len(candidates))}, "
+               f"device {dev}")
+    try:
+        answers = answer_questions(model, records, candidates, {"vqa": root, "vg": vg_root}, k=k,
+                                   batch_size=batch_size, max_length=cfg.data.max_length,
+                                   num_workers=num_workers, device=dev)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    write_results(out, answers)
+    annotated = [(r.question_id, r.answers, r.answer_type) for r in records if r.answers]
+    if annotated:
+        for line in score_answers(dict(answers), annotated).lines():
+            typer.echo(line)
+    else:
+        typer.echo("no annotator answers in --data (a test split): results written for the evaluation server")
+    typer.echo(f"results: {out}")
