@@ -196,23 +196,17 @@ class AlbefVqaModel(nn.Module):
 
     # --- momentum ---
 
-    def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+    def _momentum_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(online, momentum) parameters, in the same order: what the EMA updates pair up."""
         if not self.vqa_config.distill:
             raise RuntimeError("this VQA model was built with distill=False (no momentum copies)")
         online = [p for n in _TOWERS for p in getattr(self, n).parameters()]
         ema = [p for n in _TOWERS for p in getattr(self, f"{n}_m").parameters()]
         return online, ema
 
-    @torch.no_grad()
-    def update_momentum(self, momentum: float) -> None:
-        online, ema = self._pairs()
-        torch._foreach_mul_(ema, momentum)
-        torch._foreach_add_(ema, online, alpha=1.0 - momentum)
-
-    @torch.no_grad()
-    def copy_params_to_momentum(self) -> None:
-        online, ema = self._pairs()
-        torch._foreach_copy_(ema, online)
+    # the backbone's fused EMA / copy over these pairs
+    update_momentum = AlbefModel.update_momentum
+    copy_params_to_momentum = AlbefModel.copy_params_to_momentum
 
     # --- weights ---
 
