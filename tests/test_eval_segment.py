@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from hist_vlm.cli import app
 from hist_vlm.data.grounding import GroundingRecord
 from hist_vlm.eval.segment import SamSegmenter, evaluate_segmentation, prompt_points
+from test_eval_cli import TINY, _run  # the tiny ALBEF config and CLI runner of the eval CLI tests
 
 SAM_SIDE = 64  # the tiny SAM's input: longest image side resized to 64, padded to 64 x 64
 
@@ -175,23 +174,6 @@ def test_ciou_and_mean_iou_on_hand_made_masks(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI
 
-TINY = """
-model:
-  name: albef
-  params: {image_size: 64, patch_size: 16, vision_width: 32, vision_depth: 2, vision_heads: 2,
-           text_width: 32, text_layers: 3, text_heads: 2, text_intermediate_size: 64,
-           fusion_layer: 1, embed_dim: 16, momentum: false, max_position_embeddings: 40}
-loss:
-  capture_layers: [1]
-run:
-  dir: RUNDIR
-"""
-
-
-def _run(argv):
-    return CliRunner().invoke(app, argv, env={"COLUMNS": "400"})
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from hist_vlm.data.synthetic import generate_world
@@ -263,3 +245,29 @@ def test_eval_segment_user_mistakes_are_one_line(world, sam_dir, tmp_path, case,
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
     assert "Traceback" not in res.output
     assert any(message in line for line in res.output.splitlines()), res.output  # on one line
+
+
+def test_eval_segment_on_a_refer_layout(world, sam_dir, tmp_path):
+    from test_eval_segment_pairs import H, W, write_refer
+
+    root, config, ckpt = world
+    refer, images = write_refer(tmp_path / "refer"), tmp_path / "train2014"
+    images.mkdir()
+    for i in (1, 5):  # the test images with two or more objects
+        Image.new("RGB", (W, H), (90, 20 * i, 30)).save(images / f"COCO_train2014_{i:012d}.jpg")
+    out = tmp_path / "seg.jsonl"
+    res = _run(["eval", "segment", str(config), "--checkpoint", str(ckpt), "--sam", str(sam_dir),
+                "--data", "refcoco+", "--data-root", str(refer), "--image-root", str(images), "--seed", "3",
+                "--out", str(out), "--device", "cpu", "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert "2 complex pairs from 4 images (2 skipped" in res.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"].split("_")[0] for x in lines] == ["1", "5"] and [x["split"] for x in lines] == ["testA", "testB"]
+    assert lines[0]["gold_pixels"] == 40 + 10  # the polygon's 40 px and the RLE's 10
+    assert " and " in lines[0]["text"] and all(0 <= x < W and 0 <= y < H for x, y in lines[0]["points"])
+    # a missing image is one line, before any model work
+    (images / "COCO_train2014_000000000005.jpg").unlink()
+    res = _run(["eval", "segment", str(config), "--checkpoint", str(ckpt), "--sam", str(sam_dir),
+                "--data", "refcoco+", "--data-root", str(refer), "--image-root", str(images), "--device", "cpu"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert any("COCO_train2014_000000000005.jpg: image not found" in line for line in res.output.splitlines())
