@@ -218,6 +218,7 @@ def test_eval_segment_on_the_synthetic_world(world, sam_dir):
 @pytest.mark.parametrize("case, message", [
     ("no_sam_folder", "SAM folder not found"),
     ("not_sam", "holds no SAM model"),
+    ("no_weights", "not a loadable SAM model"),
     ("bad_root", "data root is not a folder"),
     ("bad_multimask", "--multimask 'union': choose one of"),
     ("refcoco_no_images", "needs the COCO train2014 image folder"),
@@ -232,6 +233,10 @@ def test_eval_segment_user_mistakes_are_one_line(world, sam_dir, tmp_path, case,
         (tmp_path / "bert").mkdir()
         (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
         sam = str(tmp_path / "bert")
+    elif case == "no_weights":  # a SAM config without processor files or weights
+        (tmp_path / "half").mkdir()
+        (tmp_path / "half" / "config.json").write_text((sam_dir / "config.json").read_text())
+        sam = str(tmp_path / "half")
     elif case == "bad_root":
         data = ["--data", "synthetic", "--data-root", str(tmp_path / "missing")]
     elif case == "bad_multimask":

@@ -81,7 +81,8 @@ class SamSegmenter:
             self.processor = SamProcessor.from_pretrained(folder)
             self.model = SamModel.from_pretrained(folder)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # transformers' messages run on with hub advice: keep their first sentence
+            first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
             raise SamLoadError(f"{folder}: not a loadable SAM model ({first})") from None
         self.device = torch.device(device)
         self.model.to(self.device).eval()
