@@ -27,6 +27,7 @@ from hist_vlm.cli import eval, ground  # noqa: E402,F401
 from hist_vlm.cli import train  # noqa: E402,F401
 from hist_vlm.cli import demo  # noqa: E402,F401
 from hist_vlm.cli import data  # noqa: E402,F401
+from hist_vlm.cli import vqa  # noqa: E402,F401
 
 
 #: sub-commands (and command groups) that run models: they need the `[train]` extra

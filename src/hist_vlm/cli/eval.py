@@ -1,7 +1,9 @@
 """`hist-vlm eval pointing`: the pointing game (and the synthetic world's multi-object metrics)
 of a trained checkpoint on RefCOCO+, ReferIt, Flickr30k Entities or the synthetic world.
 `hist-vlm eval retrieval`: image-text retrieval recall (ALBEF's protocol, docs/retrieval.md) on
-COCO / Flickr30k test files or the synthetic world's test captions."""
+COCO / Flickr30k test files or the synthetic world's test captions.
+`hist-vlm eval segment`: complex referring segmentation (GradCAM points prompting SAM, cIoU;
+docs/segmentation.md) on RefCOCO+ pairs or the synthetic world's composite queries."""
 from __future__ import annotations
 
 import json
@@ -218,3 +220,70 @@ def retrieval(
     if out is not None:
         report.write_json(out, data=data, ann=str(ann), checkpoint=str(checkpoint))
         typer.echo(f"results: {out}")
+
+
+SEGMENT_DATA = ("refcoco+", "synthetic")
+
+
+@eval_app.command("segment")
+def segment(
+    config: Path = CONFIG,
+    checkpoint: Path = CHECKPOINT,
+    sam: Path = typer.Option(..., "--sam", help="SAM save_pretrained folder (a local copy of e.g. facebook/sam-vit-huge)."),
+    data: str = typer.Option(..., "--data", help=f"One of: {', '.join(SEGMENT_DATA)}."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="refcoco+: the REFER folder holding refcoco+/refs(unc).p and instances.json; synthetic: the world (default RUN/world)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="refcoco+: the COCO train2014 image folder."),
+    split: list[str] = typer.Option([], "--split", help="Only these splits (repeatable); refcoco+ default: testA, testB."),
+    multimask: str = typer.Option("single", "--multimask", help="single: SAM's one-mask output | best: of its 3 masks the highest predicted IoU."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the refcoco+ pair draws (per image)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Per-query results, JSONL, and OUT.summary.json."),
+    figure: Optional[Path] = typer.Option(None, "--figure", help="Figure of the first --figure-n queries: image, heatmap with the prompt points, SAM mask, gold mask."),
+    figure_n: int = typer.Option(4, "--figure-n", min=1, help="Queries in the --figure."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Queries per GradCAM and SAM mask-decoder pass."),
+    sam_batch: int = typer.Option(4, "--sam-batch", min=1, help="Images per SAM image-encoder pass."),
+    num_workers: int = NUM_WORKERS,
+    device: str = DEVICE,
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (RefCOCO+: 384)."),
+) -> None:
+    """Complex referring segmentation (paper Table 3): the top-4 GradCAM points of each "A and B"
+    query prompt SAM for one mask; cIoU and mean IoU against the union of both objects' masks."""
+    from hist_vlm._io import atomic_write_text
+    from hist_vlm.data.grounding import GroundingFileError
+    from hist_vlm.eval.segment import (MULTIMASK, SamLoadError, SamSegmenter, evaluate_segmentation,
+                                       load_segment_queries, save_segment_figure)
+
+    if data not in SEGMENT_DATA:
+        raise typer.BadParameter(f"--data {data!r}: choose one of {', '.join(SEGMENT_DATA)}")
+    if multimask not in MULTIMASK:
+        raise typer.BadParameter(f"--multimask {multimask!r}: choose one of {', '.join(MULTIMASK)}")
+    if data_root is None and data != "synthetic":
+        raise typer.BadParameter("--data-root is required for refcoco+ (the REFER folder)")
+    dev = resolve_device(device)
+    try:
+        segmenter = SamSegmenter(sam, device=dev, multimask=multimask, image_batch=sam_batch)
+    except SamLoadError as e:
+        raise typer.BadParameter(str(e)) from None
+    source, cfg = gradcam_source(config, checkpoint, [], None, None, dev, image_size)
+    data_root = data_root or Path(cfg.run.dir) / "world"
+    try:
+        records, gold_mask, what = load_segment_queries(data, data_root, image_root=image_root, splits=split, seed=seed)
+    except GroundingFileError as e:
+        raise typer.BadParameter(str(e)) from None
+    if not records:
+        raise typer.BadParameter(f"no queries in {data_root} for splits {split or 'default'}")
+    typer.echo(f"{what}; layers {list(source.layers)}, SAM {sam} ({multimask}), device {dev}")
+    try:
+        report, rows = evaluate_segmentation(records, source, segmenter, gold_mask, batch_size=batch_size,
+                                             num_workers=num_workers, out=out, figure_rows=figure_n if figure else 0)
+    except (OSError, ValueError) as e:  # a missing image or mask, an unreadable segmentation
+        raise typer.BadParameter(_last_line(e)) from None
+    for line in report.lines():
+        typer.echo(line)
+    if out is not None:
+        summary_path = out.with_suffix(".summary.json")
+        atomic_write_text(summary_path, json.dumps({"data": data, "multimask": multimask, "seed": seed,
+                                                    "checkpoint": str(checkpoint), **report.summary()}, indent=2) + "\n")
+        typer.echo(f"per-query results: {out}; summary: {summary_path}")
+    if figure is not None:
+        save_segment_figure(rows, figure)
+        typer.echo(f"figure: {figure}")
