@@ -52,7 +52,8 @@ def blend_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.8, cmap:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,14 +121,14 @@ def save_heatmap(
 ) -> list[tuple[int, int]]:
     """Write one heatmap figure to `out` (PNG/PDF/... by suffix); return the starred points.
     `show_image`: the untouched image in a panel left of the overlay."""
-    plt = _pyplot()
+    plt = pyplot()
     w, h = image.size
     panels = 2 if show_image else 1
     fig, axes = plt.subplots(1, panels, figsize=(4.0 * panels * w / max(w, h), 4.0 * h / max(w, h)), squeeze=False)
     if show_image:
         draw_image(axes[0][0], image, title="image")
     points = draw_heatmap(axes[0][-1], image, heat, title=title, k=k, boxes=boxes, box_format=box_format, alpha=alpha)
-    _save(fig, out, dpi)
+    save_figure(fig, out, dpi)
     return points
 
 
@@ -151,7 +152,7 @@ def save_heatmap_grid(
     for r, (_, _, heats, _) in enumerate(rows):
         if len(heats) != n_models:
             raise ValueError(f"row {r} has {len(heats)} maps for {n_models} model columns")
-    plt = _pyplot()
+    plt = pyplot()
     lead = 0 if image_column is None else 1
     n_rows, n_cols = len(rows), n_models + lead
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.8 * n_rows), squeeze=False)
@@ -166,11 +167,11 @@ def save_heatmap_grid(
             row_points.append(draw_heatmap(axes[r][lead + c], image, heat, title=title, k=k, boxes=boxes,
                                            box_format=box_format, alpha=alpha))
         points.append(row_points)
-    _save(fig, out, dpi)
+    save_figure(fig, out, dpi)
     return points
 
 
-def _save(fig, out: str | Path, dpi: int) -> None:
+def save_figure(fig, out: str | Path, dpi: int) -> None:
     """Rendered beside `out` and renamed into place: never a half-written figure."""
     import os
 

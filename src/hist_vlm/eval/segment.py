@@ -263,11 +263,11 @@ def overlay_mask(image: Image.Image, mask: np.ndarray, alpha: float = 0.55,
 
 def save_segment_figure(rows: Sequence[FigureRow], out: str | Path, *, k: int = TOP_K, dpi: int = 110) -> None:
     """One row per query: image | heatmap with the k prompt points starred | SAM mask | gold mask."""
-    from hist_vlm.eval.heatmap import _pyplot, _save, draw_heatmap, draw_image
+    from hist_vlm.eval.heatmap import pyplot, save_figure, draw_heatmap, draw_image
 
     if not rows:
         raise ValueError("no queries to draw")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), 4, figsize=(2.8 * 4, 2.9 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         draw_image(axes[r][0], row.image, title=textwrap.fill(row.text, 34))
@@ -277,4 +277,4 @@ def save_segment_figure(rows: Sequence[FigureRow], out: str | Path, *, k: int = 
             axes[r][c].imshow(overlay_mask(row.image, mask))
             axes[r][c].set_title(title, fontsize=9)
             axes[r][c].set_axis_off()
-    _save(fig, out, dpi)
+    save_figure(fig, out, dpi)
