@@ -312,7 +312,8 @@ def permuted_batch(model) -> HistBatch:
 
 
 def _spy_run(model, batch, monkeypatch, **cfg):
-    """HistLoss forward recording the one ITM fusion pass and every MLM mask."""
+    """HistLoss forward recording the ITM fusion passes (one per kind: captions, phrases,
+    subjects, each at its own padded length) and every MLM mask."""
     fusions, masks = [], []
     orig_fuse = model.fuse_rows
 
@@ -333,8 +334,10 @@ def _spy_run(model, batch, monkeypatch, **cfg):
     loss = HistLoss(HistLossConfig(schedule="constant", capture_layers=(0,), **cfg), model)
     out = loss(model, batch, 0.0)
     monkeypatch.undo()
-    assert len(fusions) == 1
-    return out, fusions[0], masks
+    assert len(fusions) == 3
+    kinds = (batch.captions, batch.phrases, batch.subjects)
+    assert [f.input_ids.shape[1] for f in fusions] == [k.input_ids.shape[1] for k in kinds]
+    return out, fusions, masks
 
 
 def _check_itm_block(model, image_embeds, block: TextRows, texts: TextRows, text_list, out_value):
@@ -370,9 +373,8 @@ def test_phrase_terms_itc_itm_and_mlm_by_value(monkeypatch):
 
     # ITC: phrase k against image PERM[k]; "a man" of images 0 and 2 positive for both
     torch.testing.assert_close(out["phrase_itc"], hand_itc(feat(batch.phrases), img_feat, phrases, PERM, temp), **F64)
-    # ITM: the second block of the one fusion pass (captions, phrases, subjects)
-    n_blk = 2 * 4 + 4
-    block = TextRows(*(x[n_blk:2 * n_blk] for x in (fused.input_ids, fused.attention_mask, fused.image_index)))
+    # ITM: the phrases' fusion pass (the second of captions, phrases, subjects)
+    block = fused[1]
     _check_itm_block(model, image_embeds, block, batch.phrases, phrases, out["phrase_itm"])
     # MLM: the phrases' masks (second of two: captions, phrases), cross-entropy on the masked tokens
     assert [p for _, p in masks] == [0.5, 0.5]
@@ -399,5 +401,5 @@ def test_subject_terms_pair_each_subject_with_its_phrase_image(monkeypatch):
     # paired with image k instead of its phrase's image, the value would differ
     assert abs(float((hand_itc(sub_feat, img_feat, subjects, [0, 1, 2, 3], out["temp"]) - expected).detach())) > 1e-3
     n_blk = 2 * 4 + 4
-    block = TextRows(*(x[2 * n_blk:] for x in (fused.input_ids, fused.attention_mask, fused.image_index)))
+    block = fused[2]
     _check_itm_block(model, image_embeds, block, batch.subjects, subjects, out["subject_itm"])

@@ -24,7 +24,8 @@ Schedules w(t), t = epochs elapsed (float):
   constant  w = 1
   off       the baseline: HIST terms are not computed at all
 
-The vision tower runs once per image; every text kind is encoded in one call. All random
+The vision tower runs once per image; each text kind (captions, phrases, subjects) runs the text
+encoder, the ITM fusion and the MLM at its own padded length. All random
 choices (ITM negatives, MLM masks) come from a generator seeded identically on every rank and
 drawn for the GLOBAL batch, each rank taking its slice: a step gives the same result on one
 process as on many (tests/test_ddp_hist.py). The ITC queues live here, as buffers.
@@ -34,7 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hist_vlm.losses.distributed import gather_no_grad, global_mean, local_shard, world
@@ -190,7 +190,7 @@ class HistLoss(nn.Module):
 
     def _language(self, model, twin, kinds: list[TextRows], image_embeds, image_embeds_m, alpha) -> list[Tensor]:
         """One term per kind. MLM with distillation when the backbone exposes `mlm_logits`
-        (ALBEF; all kinds in one pass), else its own `text_generation_loss` (BLIP: captioning
+        (ALBEF; one pass per kind), else its own `text_generation_loss` (BLIP: captioning
         LM; 0 without a decoder)."""
         if not hasattr(model, "mlm_logits"):
             return [model.text_generation_loss(rows, image_embeds) for rows in kinds]
@@ -204,20 +204,17 @@ class HistLoss(nn.Module):
             )
             masked.append(TextRows(ids, rows.attention_mask, rows.image_index))
             labels.append(lab)
-        allm = cat_rows(*masked, pad_id=tok.pad_token_id)
-        width = allm.input_ids.shape[1]
-        chosen = torch.cat([F.pad(lab, (0, width - lab.shape[1]), value=-100) for lab in labels]) != -100  # [M, T]
-        # the vocab-wide head only on the chosen tokens (~15 %): [K, V], kinds in order, row-major
-        args = (allm.input_ids, allm.attention_mask)
-        logits = model.mlm_logits(*args, image_embeds, allm.image_index, positions=chosen)
-        logits_m = None
-        if twin is not None and alpha > 0:
-            with torch.no_grad():
-                logits_m = twin.mlm_logits(*args, image_embeds_m, allm.image_index, positions=chosen)
-        counts = [int(n) for n in torch.stack([(lab != -100).sum() for lab in labels]).tolist()]
-        targets = [lab[lab != -100] for lab in labels]
-        parts_m = [None] * len(kinds) if logits_m is None else logits_m.split(counts)
-        return [mlm_loss(lg, lab, lg_m, alpha) for lg, lab, lg_m in zip(logits.split(counts), targets, parts_m)]
+        out = []
+        for rows, lab in zip(masked, labels):  # each kind at its own padded length
+            chosen = lab != -100  # [n, T]: the vocab-wide head runs on these tokens only (~15 %)
+            args = (rows.input_ids, rows.attention_mask)
+            logits = model.mlm_logits(*args, image_embeds, rows.image_index, positions=chosen)  # [K, V]
+            logits_m = None
+            if twin is not None and alpha > 0:
+                with torch.no_grad():
+                    logits_m = twin.mlm_logits(*args, image_embeds_m, rows.image_index, positions=chosen)
+            out.append(mlm_loss(logits, lab[chosen], logits_m, alpha))
+        return out
 
     def _addition(self, model, image_embeds, batch: HistBatch) -> Tensor:
         n = len(batch.pair_first)
@@ -286,15 +283,6 @@ class HistLoss(nn.Module):
         return out
 
     def _encode_all(self, model, twin, kinds: list[TextRows]) -> list[_Encoded]:
-        """Every kind of text through the text encoder in ONE call, then split back (each
-        block sliced to its own padded length)."""
-        rows = cat_rows(*kinds)
-        enc = self._encode(model, twin, rows)
-        parts, start = [], 0
-        for k in kinds:
-            n, t = k.input_ids.shape
-            sl = slice(start, start + n)
-            parts.append(_Encoded(k, enc.embeds[sl, :t], enc.feat[sl],
-                                  None if enc.feat_m is None else enc.feat_m[sl], enc.keys[sl]))
-            start += n
-        return parts
+        """Every kind of text through the text encoder at its own padded length (a subject is
+        ~3 tokens, a caption ~25: one call padded to the longest mostly encoded padding)."""
+        return [self._encode(model, twin, rows) for rows in kinds]
