@@ -35,7 +35,7 @@ RANGES = (
     ("image encoder (online)", "model", "encode_image"),
     ("image encoder (momentum)", "twin", "encode_image"),
     ("momentum update", "model", "update_momentum"),
-    ("text encoders, all kinds in one call (+ momentum)", HistLoss, "_encode_all"),
+    ("text encoders, every kind (+ momentum)", HistLoss, "_encode_all"),
     ("ITC terms (+ queue)", HistLoss, "_itc"),
     ("ITM negative sampling", HistLoss, "_itm_block"),
     ("ITM fusion, all kinds + negatives", hist_module, "itm_losses"),
