@@ -51,7 +51,11 @@ class ItcSide:
 
 class ItcQueue(nn.Module):
     """Momentum-feature queues (ALBEF/MoCo) with wrap-around enqueue (SelfEQ fixed ALBEF's
-    `queue_size % batch == 0` assert this way). The pointer stays on the device: no host sync."""
+    `queue_size % batch == 0` assert this way). The pointer stays on the device: no host sync.
+
+    `enqueue` writes new tensors instead of changing the old ones in place, so every ITC term
+    of a step reads the queue as it is (no per-term copy of the [Q, E] queues) and the tensors
+    autograd saved from it stay valid until the backward."""
 
     def __init__(self, dim: int, size: int) -> None:
         super().__init__()
@@ -66,9 +70,9 @@ class ItcQueue(nn.Module):
         """Rows of the (gathered) momentum features, paired: text i belongs to image_ids[i]."""
         n = min(text_feat.shape[0], self.size)
         idx = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
-        self.image_queue.index_copy_(0, idx, image_feat[-n:].to(self.image_queue.dtype))
-        self.text_queue.index_copy_(0, idx, text_feat[-n:].to(self.text_queue.dtype))
-        self.id_queue.index_copy_(0, idx, image_ids[-n:])
+        self.image_queue = self.image_queue.index_copy(0, idx, image_feat[-n:].to(self.image_queue.dtype))
+        self.text_queue = self.text_queue.index_copy(0, idx, text_feat[-n:].to(self.text_queue.dtype))
+        self.id_queue = self.id_queue.index_copy(0, idx, image_ids[-n:])
         self.ptr.copy_((self.ptr + n) % self.size)
 
 
@@ -104,23 +108,27 @@ def itc_loss(side: ItcSide, temp: Tensor, *, queue: ItcQueue | None = None, alph
         side.row_image_ids, side.keys, side.image_ids,
         side.row_image_ids_cols, side.keys_cols, side.image_ids_cols,
     )
-    img_cols, txt_cols = side.image_cols, side.text_cols
-    if queue is not None:
-        q_img = queue.image_queue.clone().detach()
-        q_txt = queue.text_queue.clone().detach()
-        q_ids = queue.id_queue.clone()
+    q_img = q_txt = None
+    if queue is not None:  # read as they are: enqueue never changes these tensors in place
+        q_img, q_txt, q_ids = queue.image_queue.detach(), queue.text_queue.detach(), queue.id_queue
         pos_t2i = torch.cat([pos_t2i, side.row_image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)
         pos_i2t = torch.cat([pos_i2t, side.image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)
-        img_cols = torch.cat([img_cols, q_img])  # [Bg+Q, E]
-        txt_cols = torch.cat([txt_cols, q_txt])  # [Ng+Q, E]
-    sim_t2i = side.text_feat @ img_cols.t() / temp   # [N, Bg(+Q)]
-    sim_i2t = side.image_feat @ txt_cols.t() / temp  # [B, Ng(+Q)]
+
+    def against(rows: Tensor, cols: Tensor, queued: Tensor | None) -> Tensor:
+        """[n, E] -> [n, cols (+Q)]: two products, so the [Q, E] queue is never concatenated."""
+        sim = rows @ cols.t()
+        return sim if queued is None else torch.cat([sim, rows @ queued.to(rows.dtype).t()], 1)
+
+    sim_t2i = against(side.text_feat, side.image_cols, q_img) / temp   # [N, Bg(+Q)]
+    sim_i2t = against(side.image_feat, side.text_cols, q_txt) / temp   # [B, Ng(+Q)]
     with torch.no_grad():
         tgt_t2i = pos_t2i.to(sim_t2i.dtype) / pos_t2i.sum(1, keepdim=True).clamp(min=1)
         tgt_i2t = pos_i2t.to(sim_i2t.dtype) / pos_i2t.sum(1, keepdim=True).clamp(min=1)
         if alpha > 0 and side.text_feat_m is not None:
-            tgt_t2i = alpha * F.softmax(side.text_feat_m @ img_cols.t() / temp, 1) + (1 - alpha) * tgt_t2i
-            tgt_i2t = alpha * F.softmax(side.image_feat_m @ txt_cols.t() / temp, 1) + (1 - alpha) * tgt_i2t
+            soft_t2i = F.softmax(against(side.text_feat_m, side.image_cols, q_img) / temp, 1)
+            soft_i2t = F.softmax(against(side.image_feat_m, side.text_cols, q_txt) / temp, 1)
+            tgt_t2i = alpha * soft_t2i + (1 - alpha) * tgt_t2i
+            tgt_i2t = alpha * soft_i2t + (1 - alpha) * tgt_i2t
     t2i = global_mean(_soft_ce(sim_t2i, tgt_t2i), pos_t2i.any(1))
     i2t = global_mean(_soft_ce(sim_i2t, tgt_i2t), pos_i2t.any(1))
     return (t2i + i2t) / 2
