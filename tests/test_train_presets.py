@@ -64,3 +64,23 @@ def test_demo_and_eval_resolve_presets_without_the_repository(tmp_path, monkeypa
     # the config is found by name; what fails is the (missing) checkpoint
     res = CliRunner().invoke(app, ["eval", "pointing", "demo_tiny", "--checkpoint", "gone", "--data", "synthetic"])
     assert res.exit_code == 2 and "gone: checkpoint not found" in res.output
+
+
+@pytest.mark.parametrize("name", ["albef_coco", "albef_vg", "blip_coco", "albef_vqa", "albef_retrieval_coco",
+                                  "albef_retrieval_flickr"])
+def test_fine_tuning_presets_without_a_checkpoint_are_an_error_not_a_random_model(name):
+    from hist_vlm.train.model import build_model
+
+    cfg = load_config(name)
+    assert cfg.model.checkpoint is None and cfg.model.require_checkpoint
+    with pytest.raises(ConfigError, match="model.checkpoint is required"):
+        build_model(cfg.model, cfg.data.image_size)
+
+
+def test_the_cli_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["train", "albef_retrieval_coco", "data.synthetic.enabled=true",
+                                   "data.synthetic.n_train=4", "data.synthetic.n_val=0", "data.synthetic.n_test=0",
+                                   f"run.dir={tmp_path / 'run'}"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [res.output.strip()] and "model.checkpoint is required" in res.output

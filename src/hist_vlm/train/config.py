@@ -52,6 +52,8 @@ class ModelConfig:
     # from scratch (ALBEF): the vocabulary is the training texts' words, written to RUN/vocab.txt
     # and saved with every checkpoint; sets params.vocab_file and params.vocab_size itself
     derive_vocab: bool = False
+    # fine-tuning presets set this: no model.checkpoint is then an error, never a randomly initialised model
+    require_checkpoint: bool = False
 
 
 @dataclass

@@ -42,7 +42,7 @@ from hist_vlm.train.checkpoint import (
 )
 from hist_vlm.train.config import ConfigError, TrainConfig
 from hist_vlm.train.data import prepare_data
-from hist_vlm.train.model import build_model, derive_vocabulary
+from hist_vlm.train.model import build_model, check_checkpoint_given, derive_vocabulary
 from hist_vlm.train.optim import build_optimizer, build_scheduler, trainable_parameters
 
 
@@ -174,6 +174,7 @@ class _Log:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Run (or continue, with `resume`) the training described by `config`."""
+    check_checkpoint_given(config.model)
     env = setup_environment(config.run.device)
     try:
         return _run(config, env, resume, progress)

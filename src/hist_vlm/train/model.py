@@ -16,6 +16,15 @@ from hist_vlm.models.base import VisionLanguageBackbone
 from hist_vlm.train.config import ConfigError, ModelConfig
 
 
+def check_checkpoint_given(cfg: ModelConfig) -> None:
+    """A fine-tuning preset (`model.require_checkpoint`) without `model.checkpoint` is an error:
+    checked before any data is prepared, never a randomly initialised model."""
+    if cfg.checkpoint is None and cfg.require_checkpoint:
+        raise ConfigError("model.checkpoint is required: this preset fine-tunes a trained model (give ALBEF.pth, a "
+                          "save_pretrained folder or RUN/checkpoints/step-N; model.require_checkpoint=false trains "
+                          "from scratch)")
+
+
 def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = None,
                 vocab_file: str | Path | None = None) -> VisionLanguageBackbone:
     """From scratch out of `cfg.params` (with a derived vocabulary when given: its size and
@@ -23,6 +32,7 @@ def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = Non
     checkpoint `RUN/checkpoints/step-N` included (weights only; `--resume` continues a run)."""
     if cfg.name not in ("albef", "blip"):
         raise ConfigError(f"model.name must be albef or blip, got {cfg.name!r}")
+    check_checkpoint_given(cfg)
     given = cfg.params.get("image_size", image_size)
     if given != image_size:
         raise ConfigError(f"model.params.image_size={given} but data.image_size={image_size}: set one of them")
