@@ -85,5 +85,23 @@ def _guard_model_commands() -> None:
 _guard_model_commands()
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:  # pragma: no cover - the console entry point: `run` with the process's arguments
+    raise SystemExit(run())
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The `hist-vlm` command line -> exit code. A usage mistake (a bad option value, a missing argument, a
+    file that is not there) is ONE `error: ...` line on stderr and exit code 2, not Typer's
+    usage text and box; `--help` and the commands' own exits are unchanged."""
+    from typer.exceptions import TyperException  # Typer's (vendored click's) usage and file errors
+
+    try:
+        code = app(args=argv, prog_name="hist-vlm", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 1
+    except TyperException as e:
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        return getattr(e, "exit_code", 2)
+    return code if isinstance(code, int) else 0
