@@ -400,6 +400,5 @@ def test_subject_terms_pair_each_subject_with_its_phrase_image(monkeypatch):
     torch.testing.assert_close(out["subject_itc"], expected, **F64)
     # paired with image k instead of its phrase's image, the value would differ
     assert abs(float((hand_itc(sub_feat, img_feat, subjects, [0, 1, 2, 3], out["temp"]) - expected).detach())) > 1e-3
-    n_blk = 2 * 4 + 4
     block = fused[2]
     _check_itm_block(model, image_embeds, block, batch.subjects, subjects, out["subject_itm"])

@@ -257,15 +257,21 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, b: int):
         recs = self.records[b * self.bs:(b + 1) * self.bs]
-        slot: dict[Path, int] = {}
-        for r in recs:
-            slot.setdefault(r.image, len(slot))
-        pixels = []
-        for path in slot:
-            with Image.open(path) as im:
-                pixels.append(self.preprocess(im.convert("RGB")))
-        index = torch.tensor([slot[r.image] for r in recs], dtype=torch.long)
-        return list(range(b * self.bs, b * self.bs + len(recs))), torch.stack(pixels), index
+        images, index = distinct_images(recs)
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        return list(range(b * self.bs, b * self.bs + len(recs))), pixels, torch.tensor(index, dtype=torch.long)
+
+
+def distinct_images(recs: Sequence[GroundingRecord]) -> tuple[list[Image.Image], list[int]]:
+    """The distinct images of some records, each opened once (RGB), and each record's index into them."""
+    slot: dict[Path, int] = {}
+    for r in recs:
+        slot.setdefault(r.image, len(slot))
+    images = []
+    for path in slot:
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images, [slot[r.image] for r in recs]
 
 
 def query_mask(rec: GroundingRecord) -> np.ndarray | None:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from hist_vlm.data.grounding import GroundingRecord
 from hist_vlm.eval.pointing import TOP_K, IoUMeter, top_k_points
-from hist_vlm.eval.runner import MapSource, check_records, format_pct, jsonl_sink, map_batches
+from hist_vlm.eval.runner import MapSource, check_records, distinct_images, format_pct, jsonl_sink, map_batches
 
 MULTIMASK = ("single", "best")
 DEFAULT_MULTIMASK = "single"
@@ -225,16 +225,10 @@ def evaluate_segmentation(
         for recs, maps in map_batches(records, source, batch_size=batch_size, num_workers=num_workers,
                                       progress=progress, desc="segmentation eval"):  # maps [N, gh, gw]
             maps = maps.cpu()
-            slot: dict[Path, int] = {}
-            for r in recs:
-                slot.setdefault(r.image, len(slot))
-            images = []
-            for path in slot:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
+            images, image_index = distinct_images(recs)  # originals: SAM resizes them itself
             points = [top_k_points(heat, (r.height, r.width), k) for r, heat in zip(recs, maps)]
-            masks, scores = segmenter.segment(images, points, [slot[r.image] for r in recs])
-            for rec, heat, pts, mask, score in zip(recs, maps, points, masks, scores):
+            masks, scores = segmenter.segment(images, points, image_index)
+            for rec, slot, heat, pts, mask, score in zip(recs, image_index, maps, points, masks, scores):
                 gold = gold_mask(rec)
                 inter, union = mask_iou_parts(mask, gold)
                 res = SegmentResult(rec.id, rec.split, rec.text, pts, score, inter, union,
@@ -243,7 +237,7 @@ def evaluate_segmentation(
                 report.overall.add(inter, union)
                 write(asdict(res))
                 if len(rows) < figure_rows:
-                    rows.append(FigureRow(images[slot[rec.image]], rec.text, heat, mask, gold, res.iou))
+                    rows.append(FigureRow(images[slot], rec.text, heat, mask, gold, res.iou))
     report.splits = dict(report.splits)
     return report, rows
 
