@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from hist_vlm.losses.distributed import allreduce_gradients, broadcast_parameters  # noqa: E402
 from hist_vlm.losses.hist import HistLoss  # noqa: E402
+from hist_vlm.train.distributed import allreduce_gradients, broadcast_parameters  # noqa: E402
 from losses_fixtures import build, hist_batch, pairs_only_on, shard_batch  # noqa: E402
 
 IMAGE_IDS = [5, 6, 5, 7]  # image 0 and 2 are the same picture: positives across ranks

@@ -1,6 +1,6 @@
 """The training loop: one process, or many launched by `torchrun` / `accelerate launch`.
 
-Many processes follow `hist_vlm.losses.distributed`: the model is never wrapped in DDP's
+Many processes follow `hist_vlm.train.distributed`: the model is never wrapped in DDP's
 reducer (it would silently skip the all-reduce of the GradCAM double-backward); parameters are
 broadcast from rank 0 once, and gradients are all-reduced explicitly after backward.
 
@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hist_vlm.data.dataset import GlobalBatchSampler, HistCollate, HistDataset, read_parse_output
-from hist_vlm.losses.distributed import allreduce_gradients, broadcast_parameters
 from hist_vlm.losses.hist import HistLoss
 from hist_vlm.train.checkpoint import (
     Position,
@@ -42,6 +41,7 @@ from hist_vlm.train.checkpoint import (
 )
 from hist_vlm.train.config import ConfigError, TrainConfig
 from hist_vlm.train.data import prepare_data
+from hist_vlm.train.distributed import allreduce_gradients, broadcast_parameters
 from hist_vlm.train.model import build_model, check_checkpoint_given, derive_vocabulary
 from hist_vlm.train.optim import build_optimizer, build_scheduler, trainable_parameters
 
