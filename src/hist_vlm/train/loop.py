@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -177,7 +178,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     check_checkpoint_given(config.model)
     env = setup_environment(config.run.device)
     try:
-        return _run(config, env, resume, progress)
+        return Trainer(config, env, resume, progress).run()
     finally:
         if env.owns_process_group:
             dist.destroy_process_group()
@@ -236,121 +237,169 @@ def _task(cfg: TrainConfig, env: Environment, run_dir: Path, resume: bool):
     return HistTask(cfg, env, run_dir, resume)
 
 
-def _run(cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> TrainResult:
-    if cfg.run.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"run.precision must be auto, bf16 or fp32, got {cfg.run.precision!r}")
-    run_dir = Path(cfg.run.dir)
-    found = latest_checkpoint(run_dir)
-    if found is not None and not resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    task = _task(cfg, env, run_dir, resume)  # reads the data before the model: it may take its vocabulary from them
-    _seed_everything(cfg.run.seed)  # the same initial weights on every rank (and broadcast below)
+class Trainer:
+    """One training run, in the order `run()` calls its parts: setup (here), `resume()`,
+    `open_logs()`, then `step()` and `after_step()` until `stop_at`, and `finish()`.
 
-    model = task.build_model().to(env.device)
-    objective = task.objective(model).to(env.device)
-    broadcast_parameters(model)
-    broadcast_parameters(objective)
-    named = trainable_parameters(model, objective)
-    params = [p for _, p in named]
-    sampler, loader = task.loader(model)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = cfg.schedule.epochs * steps_per_epoch
-    optimizer = build_optimizer(named, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.schedule, total_steps)
+    The process group is `train()`'s (it tears it down whatever fails); the trainer only reads it."""
 
-    position = Position(seed=cfg.run.seed, global_batch=sampler.global_batch)
-    if resume and found is not None:
-        position, rng_states = load_checkpoint(
-            found, model=model, objective=objective, optimizer=optimizer, scheduler=scheduler
-        )
-        if position.global_batch != sampler.global_batch or position.seed != cfg.run.seed:
-            raise ConfigError(
-                f"{found} was trained with global batch {position.global_batch} and seed {position.seed}; "
-                f"this run has {sampler.global_batch} and {cfg.run.seed}: the data order would change"
+    def __init__(self, cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> None:
+        """Setup: the run folder, the task's data, then seeded weights, objective, loader,
+        optimizer and schedule."""
+        if cfg.run.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"run.precision must be auto, bf16 or fp32, got {cfg.run.precision!r}")
+        self.cfg, self.env, self.resuming, self.progress = cfg, env, resume, progress
+        self.run_dir = Path(cfg.run.dir)
+        self.found = latest_checkpoint(self.run_dir)
+        if self.found is not None and not resume:
+            raise ConfigError(f"{self.run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        task = _task(cfg, env, self.run_dir, resume)  # reads the data before the model: it may take its vocabulary from them
+        _seed_everything(cfg.run.seed)  # the same initial weights on every rank (and broadcast below)
+
+        self.model = task.build_model().to(env.device)
+        self.objective = task.objective(self.model).to(env.device)
+        broadcast_parameters(self.model)
+        broadcast_parameters(self.objective)
+        named = trainable_parameters(self.model, self.objective)
+        self.params = [p for _, p in named]
+        self.sampler, self.loader = task.loader(self.model)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
+        self.stop_at = self.total_steps if cfg.run.max_steps is None else min(self.total_steps, cfg.run.max_steps)
+        self.optimizer = build_optimizer(named, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule, self.total_steps)
+        self.position = Position(seed=cfg.run.seed, global_batch=self.sampler.global_batch)
+        bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    def resume(self) -> None:
+        """With `resume` and a checkpoint: its weights, optimizer, schedule, RNG states and data
+        position, refused when the global batch or seed would change the data order."""
+        cfg, env, found = self.cfg, self.env, self.found
+        if self.resuming and found is not None:
+            self.position, rng_states = load_checkpoint(
+                found, model=self.model, objective=self.objective, optimizer=self.optimizer, scheduler=self.scheduler
             )
-        # per-rank states when the world size is unchanged; else rank 0's (the loss's shared-seed
-        # generator is the same on every rank)
-        set_rng_state(rng_states[env.rank if len(rng_states) == env.world_size else 0], objective)
-    elif resume and env.is_main:
-        tqdm.write(f"nothing to resume in {run_dir}: starting from step 0")
-    if env.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if self.position.global_batch != self.sampler.global_batch or self.position.seed != cfg.run.seed:
+                raise ConfigError(
+                    f"{found} was trained with global batch {self.position.global_batch} and seed "
+                    f"{self.position.seed}; this run has {self.sampler.global_batch} and {cfg.run.seed}: "
+                    "the data order would change"
+                )
+            # per-rank states when the world size is unchanged; else rank 0's (the loss's shared-seed
+            # generator is the same on every rank)
+            set_rng_state(rng_states[env.rank if len(rng_states) == env.world_size else 0], self.objective)
+        elif self.resuming and env.is_main:
+            tqdm.write(f"nothing to resume in {self.run_dir}: starting from step 0")
 
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
-    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    log = _Log(run_dir, env, cfg.run.tensorboard)
-    log.rewind(position.global_step)
-    stop_at = total_steps if cfg.run.max_steps is None else min(total_steps, cfg.run.max_steps)
-    bar = tqdm(total=total_steps, initial=position.global_step, disable=not (progress and env.is_main),
-               desc="train", unit="step", dynamic_ncols=True)
-    result = TrainResult(run_dir, position.global_step, start_step=position.global_step)
-    skipped_before, skipped_here = position.skipped_images, []
+    def open_logs(self) -> None:
+        """RUN/config.yaml, the loss log rewound to the (resumed) position, the progress bar,
+        and the result the steps fill in. After `resume()`: all of them start at its position."""
+        cfg, env, step = self.cfg, self.env, self.position.global_step
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.log = _Log(self.run_dir, env, cfg.run.tensorboard)
+        self.log.rewind(step)
+        self.bar = tqdm(total=self.total_steps, initial=step, disable=not (self.progress and env.is_main),
+                        desc="train", unit="step", dynamic_ncols=True)
+        self.result = TrainResult(self.run_dir, step, start_step=step)
+        self.skipped_before, self.skipped_here = self.position.skipped_images, []
 
-    def checkpoint() -> Path | None:
+    def step(self, batches: Iterator, epochs_done: float) -> float:
+        """One optimizer step: `grad_accum` forwards, each re-seeded from (seed, step, micro-step),
+        and backwards; the gradient all-reduce, clipping, optimizer and scheduler steps; the data
+        position one step on. Returns the learning rate the step used."""
+        cfg, position = self.cfg, self.position
+        for micro in range(cfg.optim.grad_accum):
+            batch, skipped = next(batches)
+            for path in skipped[: max(0, 5 - len(self.skipped_here))]:   # the first few, by name
+                self.bar.write(f"warning: unreadable image skipped: {path}")
+            self.skipped_here += skipped
+            torch.manual_seed(step_seed(cfg.run.seed, position.global_step, micro))
+            with self.autocast():
+                terms = self.objective(self.model, batch.to(self.env.device), epochs_done)
+            (terms["loss"] / cfg.optim.grad_accum).backward()
+            self.log.add(terms)
+        allreduce_gradients(self.params)
+        if cfg.optim.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        position.global_step += 1
+        position.step_in_epoch += 1
+        if position.step_in_epoch == self.steps_per_epoch:
+            position.epoch, position.step_in_epoch = position.epoch + 1, 0
+        return lr
+
+    def after_step(self, epochs_done: float, lr: float) -> bool:
+        """The progress bar; a log line every `log_every` steps and a checkpoint every
+        `save_every`, both at the last step too. True once training is done."""
+        run, step = self.cfg.run, self.position.global_step
+        self.bar.update(1)
+        self.log.step_done()
+        done = step >= self.stop_at
+        if step % run.log_every == 0 or done:
+            self.result.last_log = self.log.flush(step, epochs_done, lr, self.bar)
+        if step % run.save_every == 0 or done:
+            self.position.skipped_images = self._skipped_images()
+            self.result.checkpoint = self.checkpoint()
+        return done
+
+    def checkpoint(self) -> Path | None:
+        """Rank 0 saves, with every rank's RNG state; all ranks wait for it."""
+        env, cfg = self.env, self.cfg
         states = [None] * env.world_size
         if env.world_size > 1:
-            dist.all_gather_object(states, rng_state(objective))
+            dist.all_gather_object(states, rng_state(self.objective))
         else:
-            states = [rng_state(objective)]
+            states = [rng_state(self.objective)]
         path = None
         if env.is_main:
             path = save_checkpoint(
-                run_dir, model=model, model_config={"backbone": cfg.model.name, "config": cfg.model.params},
-                objective=objective, optimizer=optimizer, scheduler=scheduler, position=position,
+                self.run_dir, model=self.model, model_config={"backbone": cfg.model.name, "config": cfg.model.params},
+                objective=self.objective, optimizer=self.optimizer, scheduler=self.scheduler, position=self.position,
                 rng_states=states, config=cfg.to_dict(), keep=cfg.run.keep_checkpoints,
             )
         env.barrier()
         return path
 
-    model.train()
-    objective.train()
-    while position.global_step < stop_at:
-        sampler.set_position(position.epoch, position.step_in_epoch)
-        batches = iter(loader)
-        for _ in range(position.step_in_epoch, steps_per_epoch):
-            epochs_done = position.epoch + position.step_in_epoch / steps_per_epoch
-            for micro in range(cfg.optim.grad_accum):
-                batch, skipped = next(batches)
-                for path in skipped[: max(0, 5 - len(skipped_here))]:   # the first few, by name
-                    bar.write(f"warning: unreadable image skipped: {path}")
-                skipped_here += skipped
-                torch.manual_seed(step_seed(cfg.run.seed, position.global_step, micro))
-                with autocast():
-                    terms = objective(model, batch.to(env.device), epochs_done)
-                (terms["loss"] / cfg.optim.grad_accum).backward()
-                log.add(terms)
-            allreduce_gradients(params)
-            if cfg.optim.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    def _skipped_images(self) -> int:
+        """Unreadable image loads so far: the resumed run's, and this one's over all ranks."""
+        return self.skipped_before + _count(len(self.skipped_here), self.env)
 
-            position.global_step += 1
-            position.step_in_epoch += 1
-            if position.step_in_epoch == steps_per_epoch:
-                position.epoch, position.step_in_epoch = position.epoch + 1, 0
-            bar.update(1)
-            log.step_done()
-            done = position.global_step >= stop_at
-            if position.global_step % cfg.run.log_every == 0 or done:
-                result.last_log = log.flush(position.global_step, epochs_done, lr, bar)
-            if position.global_step % cfg.run.save_every == 0 or done:
-                position.skipped_images = skipped_before + _count(len(skipped_here), env)
-                result.checkpoint = checkpoint()
-            if done:
-                break
-    bar.close()
-    log.close()
-    result.global_step = position.global_step
-    result.skipped_images = skipped_before + _count(len(skipped_here), env)
-    if env.is_main and result.skipped_images:
-        example = f" (e.g. {skipped_here[0]})" if skipped_here else ""
-        tqdm.write(f"skipped {result.skipped_images} unreadable image loads{example}")
-    return result
+    def finish(self) -> TrainResult:
+        """Close the bar and the log; the result, with a word on skipped images."""
+        self.bar.close()
+        self.log.close()
+        result = self.result
+        result.global_step = self.position.global_step
+        result.skipped_images = self._skipped_images()
+        if self.env.is_main and result.skipped_images:
+            example = f" (e.g. {self.skipped_here[0]})" if self.skipped_here else ""
+            tqdm.write(f"skipped {result.skipped_images} unreadable image loads{example}")
+        return result
+
+    def run(self) -> TrainResult:
+        """Resume, open the logs, then step epoch by epoch (the sampler placed at the position)."""
+        self.resume()
+        self.open_logs()
+        self.model.train()
+        self.objective.train()
+        position = self.position
+        while position.global_step < self.stop_at:
+            self.sampler.set_position(position.epoch, position.step_in_epoch)
+            batches = iter(self.loader)
+            for _ in range(position.step_in_epoch, self.steps_per_epoch):
+                epochs_done = position.epoch + position.step_in_epoch / self.steps_per_epoch
+                lr = self.step(batches, epochs_done)
+                if self.after_step(epochs_done, lr):
+                    break
+        return self.finish()
 
 
 def _count(n: int, env: Environment) -> int:
