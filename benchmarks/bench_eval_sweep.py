@@ -17,7 +17,7 @@ import torch
 from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.data.synthetic import generate_world
 from hist_vlm.eval.runner import GradcamMaps, evaluate
-from hist_vlm.eval.sweep import GradcamSweep, build_grid, cross_attention_heads, evaluate_sweep
+from hist_vlm.eval.sweep import GradcamSweep, build_grid, evaluate_sweep
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
 
 from bench_eval_retrieval import timed  # (seconds, result), CUDA-synchronised
@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = AlbefModel(AlbefConfig(**SIZES[args.size]))
-    grid = build_grid(model.num_cross_attention_layers, cross_attention_heads(model),
+    grid = build_grid(model.num_cross_attention_layers, model.num_cross_attention_heads,
                       layers=args.layers, heads=args.heads)
     sweep = GradcamSweep(model, grid, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +72,7 @@ def main() -> None:
     n, s = len(records), len(grid)
     print(f"ALBEF {args.size} {model.config.image_size}px on {args.device}: {n} queries over {args.images} images, "
           f"batch {args.batch_size}, {s} settings ({model.num_cross_attention_layers} layers, "
-          f"{cross_attention_heads(model)} heads, mean + each head, adjacent pairs x mean/product)")
+          f"{model.num_cross_attention_heads} heads, mean + each head, adjacent pairs x mean/product)")
     print(f"  one-pass sweep        : {one_pass:8.2f} s  ({n * s / one_pass:9.1f} query-settings/s)")
     print(f"  a run per setting     : {apart:8.2f} s  ({n * s / apart:9.1f} query-settings/s)")
     print(f"  speed-up {apart / one_pass:.1f}x; identical points: {same}/{n * s}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hist_vlm.losses.hist import HistLoss, HistLossConfig
+from hist_vlm.models import backbone_names, build_sized
 from hist_vlm.models.base import HistBatch, TextRows
 
 WORDS = "man woman dog cat horse red small wooden table frisbee bus umbrella beach street green tall".split()
@@ -29,26 +30,14 @@ WORDS = "man woman dog cat horse red small wooden table frisbee bus umbrella bea
 class Size:
     batch: int
     queue: int
-    capture_layer: int
 
 
-SIZES = {"tiny": Size(batch=8, queue=256, capture_layer=1), "base": Size(batch=56, queue=65536, capture_layer=2)}
+SIZES = {"tiny": Size(batch=8, queue=256), "base": Size(batch=56, queue=65536)}
 
 
 def build_model(size: str, backbone: str):
-    if backbone == "blip":
-        from hist_vlm.models.blip import BlipBackbone, blip_config
-
-        return BlipBackbone.from_config(blip_config(size, image_size=256 if size == "base" else None),
-                                        with_decoder=True)
-    from hist_vlm.models.albef import AlbefConfig, AlbefModel
-
-    if size == "base":
-        return AlbefModel(AlbefConfig(image_size=256))
-    return AlbefModel(AlbefConfig(
-        image_size=32, patch_size=8, vision_width=64, vision_depth=2, vision_heads=2, text_width=64,
-        text_layers=4, text_heads=4, text_intermediate_size=128, fusion_layer=2, embed_dim=32,
-    ))
+    """The registry's named size (base at 256 px, the paper's ALBEF training resolution)."""
+    return build_sized(backbone, size, **({"image_size": 256} if size == "base" else {}))
 
 
 def synthetic_batch(model, n: int, image_size: int, device) -> HistBatch:
@@ -115,7 +104,7 @@ class Stepper:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--backbone", choices=["albef", "blip"], default="albef")
+    ap.add_argument("--backbone", choices=backbone_names(), default="albef")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
@@ -132,12 +121,10 @@ def main() -> None:
     n = args.batch or size.batch
     torch.manual_seed(0)
     model = build_model(args.size, args.backbone).to(device).train()
-    image_size = 256 if args.size == "base" else 32
-    batch = synthetic_batch(model, n, image_size, device)
-    layer = min(size.capture_layer if args.backbone == "albef" else 8, model.num_cross_attention_layers - 1)
+    batch = synthetic_batch(model, n, model.image_size, device)
     steppers = {}
     for name, schedule in (("baseline (ITC+ITM+MLM)", "off"), ("HIST (full)", "constant")):
-        cfg = HistLossConfig(schedule=schedule, capture_layers=(layer,), queue_size=size.queue)
+        cfg = HistLossConfig(schedule=schedule, queue_size=size.queue)  # the backbone's default GradCAM layer
         steppers[name] = Stepper(model, HistLoss(cfg, model).to(device), batch, args, device)
         for _ in range(args.warmup):
             steppers[name].step()

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
-from hist_vlm.models.albef_vqa import AlbefVqaModel, VqaModelConfig
+from hist_vlm.models.albef_vqa import AlbefVqaModel
 from hist_vlm.models.base import TextRows
 from hist_vlm.data.vqa import VqaBatch
 from hist_vlm.train.config import VqaConfig
@@ -59,7 +59,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     backbone = AlbefModel(AlbefConfig(**SIZES[args.size], momentum=True))
-    model, _ = AlbefVqaModel.from_backbone(backbone, VqaModelConfig(distill=True))
+    model, _ = AlbefVqaModel.from_backbone(backbone, distill=True)
     model = model.to(dev)
     words = [w for w in model.tokenizer._tok.vocab if w.isalpha()][1000:1000 + 2 * n_cand]
     candidates = [words[i] if i % 2 else f"{words[i]} {words[i + 1]}" for i in range(n_cand)]

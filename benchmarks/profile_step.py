@@ -28,7 +28,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import hist_vlm.losses.hist as hist_module
 from bench_step import SIZES, Stepper, build_model, synthetic_batch
+
 from hist_vlm.losses.hist import HistLoss, HistLossConfig
+from hist_vlm.models import backbone_names
 
 #: (label, owner, attribute): the forward components of a step
 RANGES = (
@@ -138,10 +140,9 @@ def run_variant(args) -> dict:
     size = SIZES[args.size]
     torch.manual_seed(0)
     model = build_model(args.size, args.backbone).to(device).train()
-    batch = synthetic_batch(model, args.batch or size.batch, 256 if args.size == "base" else 32, device)
-    layer = min(size.capture_layer if args.backbone == "albef" else 8, model.num_cross_attention_layers - 1)
+    batch = synthetic_batch(model, args.batch or size.batch, model.image_size, device)
     schedule, no_add = VARIANTS[args.only]
-    loss = HistLoss(HistLossConfig(schedule=schedule, capture_layers=(layer,), queue_size=size.queue), model)
+    loss = HistLoss(HistLossConfig(schedule=schedule, queue_size=size.queue), model)
     if no_add:
         loss._addition = _no_addition.__get__(loss)
     stepper = ProfiledStepper(model, loss.to(device), batch, args, device)
@@ -154,7 +155,7 @@ def run_variant(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--backbone", choices=["albef", "blip"], default="albef")
+    ap.add_argument("--backbone", choices=backbone_names(), default="albef")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.models import build_backbone
 from hist_vlm.models.blip import BlipBackbone, blip_config
 
 CAPTIONS = [
@@ -21,7 +22,7 @@ def tiny_blip(seed: int = 0, *, decoder: bool = True, dtype=torch.float32) -> Bl
     cfg = blip_config("tiny")
     cfg.text_config.hidden_dropout_prob = 0.0
     cfg.text_config.attention_probs_dropout_prob = 0.0
-    model = BlipBackbone.from_config(cfg, with_decoder=decoder)
+    model = build_backbone("blip", {"transformers": cfg.to_dict(), "with_decoder": decoder})
     return model.to(dtype)
 
 
@@ -37,7 +38,7 @@ def hist_batch(model, n_images: int = 4, seed: int = 0, pad_to: int | None = Non
                image_ids: list[int] | None = None) -> HistBatch:
     """B images, one caption, phrase, subject and (C_i, C_j, "C_i and C_j") triple each."""
     g = torch.Generator().manual_seed(seed)
-    size = image_size(model)
+    size = model.image_size
     idx = list(range(n_images))
     pick = [i % len(CAPTIONS) for i in idx]
     return HistBatch(
@@ -62,13 +63,6 @@ def tiny_albef(seed: int = 0, *, momentum: bool = True, dtype=torch.float32):
         embed_dim=16, hidden_dropout=0.0, attention_dropout=0.0, momentum=momentum,
     )
     return AlbefModel(cfg).to(dtype)
-
-
-def image_size(model) -> int:
-    return model.patch_grid[0] * (
-        model.config.patch_size if hasattr(model, "config") and hasattr(model.config, "patch_size")
-        else model.retrieval.config.vision_config.patch_size
-    )
 
 
 def shard_batch(batch: HistBatch, rank: int, world: int) -> HistBatch:

@@ -3,8 +3,9 @@ import json
 
 from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.data.synthetic import generate_world
-from hist_vlm.eval.runner import GradcamMaps, evaluate, load_backbone
-from hist_vlm.models.loading import PACKAGED
+from hist_vlm.eval.runner import GradcamMaps, evaluate
+from hist_vlm.models import load_backbone
+from hist_vlm.models.registry import PACKAGED
 from hist_vlm.train.config import load_config
 
 #: chance on the synthetic test scenes: random maps 4.5 %, a centre peak 9.4 %; the shipped

@@ -13,7 +13,7 @@ from hist_vlm.data.retrieval import read_caption_corpus
 from hist_vlm.data.synthetic import generate_world
 from hist_vlm.eval.retrieval import NOT_RERANKED, evaluate_retrieval
 from hist_vlm.eval.runner import eval_transform
-from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone
+from hist_vlm.models.base import FusionOutput, TextRows
 from losses_fixtures import tiny_albef, tiny_blip
 
 E = 8  # feature size of the scripted backbone
@@ -43,13 +43,12 @@ def random_logit(image: int, text: int) -> float:
     return float(np.random.default_rng([2, image, text]).standard_normal())
 
 
-class ScriptedBackbone(VisionLanguageBackbone):
-    """The protocol over content codes: an image is its pixels' crc32, a text its crc32; ITC
-    features are seeded unit vectors of the codes and the ITM match logit is `itm(image, text)`.
-    It counts encoded images and records every pair it fuses."""
+class ScriptedBackbone(nn.Module):
+    """The members of the protocol that retrieval uses, over content codes: an image is its
+    pixels' crc32, a text its crc32; ITC features are seeded unit vectors of the codes and the
+    ITM match logit is `itm(image, text)`. It counts encoded images and records every pair it fuses."""
 
-    patch_grid = (1, 1)
-    num_cross_attention_layers = 1
+    max_text_length = 64
 
     def __init__(self, itm):
         super().__init__()
@@ -76,9 +75,6 @@ class ScriptedBackbone(VisionLanguageBackbone):
 
     def text_features(self, text_embeds):
         return torch.tensor(np.stack([unit_vector(1, int(c)) for c in text_embeds[:, 0, 0]]))
-
-    def fuse(self, *args, **kwargs):
-        raise TypeError("fuse_rows only")
 
     def fuse_rows(self, rows, image_embeds, *, text_embeds=None, capture_layer=None):
         pairs = [(int(image_embeds[i, 0, 0]), int(t)) for i, t in zip(rows.image_index, rows.input_ids[:, 0])]

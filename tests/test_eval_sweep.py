@@ -11,10 +11,10 @@ from PIL import Image
 from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.data.synthetic import generate_world
 from hist_vlm.eval.runner import GradcamMaps, evaluate
-from hist_vlm.eval.sweep import GradcamSweep, Setting, build_grid, cross_attention_heads, evaluate_sweep
+from hist_vlm.eval.sweep import GradcamSweep, Setting, build_grid, evaluate_sweep
 from hist_vlm.losses.gradcam import gradcam_head_maps, gradcam_maps
 from hist_vlm.models.base import TextRows
-from losses_fixtures import image_size, tiny_albef, tiny_blip
+from losses_fixtures import tiny_albef, tiny_blip
 from test_eval_cli import _run, setup  # noqa: F401  (the CLI fixture: a tiny ALBEF run with a world)
 
 TEXTS = ["a man", "a man riding a brown horse on the beach", "two cats and a dog"]
@@ -83,11 +83,11 @@ def test_bad_grid_values(option, value, message):
 @pytest.mark.parametrize("factory", [tiny_albef, tiny_blip], ids=["albef", "blip"])
 def test_head_maps_are_the_maps_of_each_layer_and_head(factory):
     model = factory().eval()
-    s = image_size(model)
+    s = model.image_size
     img = model.encode_image(torch.randn(2, 3, s, s))
     ids, mask = model.tokenize(TEXTS)
     rows = TextRows(ids, mask, torch.tensor([0, 1, 0]))
-    n_layers, n_heads = model.num_cross_attention_layers, cross_attention_heads(model)
+    n_layers, n_heads = model.num_cross_attention_layers, model.num_cross_attention_heads
     layers = list(range(n_layers))[::-1]  # any order: the output follows it
     calls = []
     fuse = model.fuse_rows
@@ -120,7 +120,7 @@ def test_sweep_equals_a_separate_run_of_each_setting(world, tmp_path, backbone, 
 
         torch.manual_seed(0)
         model = build_backbone("blip", {"size": "tiny", "image_size": 32})
-    grid = build_grid(model.num_cross_attention_layers, cross_attention_heads(model))
+    grid = build_grid(model.num_cross_attention_layers, model.num_cross_attention_heads)
     source = GradcamSweep(model, grid)
     passes = []
     fuse = model.fuse_rows

@@ -5,7 +5,7 @@ import torch
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import TextRows
-from losses_fixtures import image_size, tiny_albef, tiny_blip
+from losses_fixtures import tiny_albef, tiny_blip
 
 BACKBONES = {"blip": (tiny_blip, 1), "albef": (tiny_albef, 1)}  # (factory, capture layer)
 TEXTS = ["a man", "a man riding a brown horse on the beach", "two cats and a dog"]
@@ -14,7 +14,7 @@ TEXTS = ["a man", "a man riding a brown horse on the beach", "two cats and a dog
 def _setup(name, dtype=torch.float32):
     factory, layer = BACKBONES[name]
     model = factory(dtype=dtype).eval()
-    s = image_size(model)
+    s = model.image_size
     img = model.encode_image(torch.randn(2, 3, s, s, dtype=dtype))
     return model, layer, img
 
@@ -61,7 +61,7 @@ def test_second_order_gradient_matches_finite_differences(name):
     """d/dw of a scalar of the maps, for one weight below the captured layer and one above it
     (the latter only gets gradient through create_graph=True)."""
     model, layer, _ = _setup(name, dtype=torch.float64)
-    s = image_size(model)
+    s = model.image_size
     px = torch.randn(2, 3, s, s, dtype=torch.float64)
     rows = _rows(model, TEXTS, [0, 1, 1])
     weights = torch.rand(3, *model.patch_grid, dtype=torch.float64)

@@ -19,7 +19,7 @@ from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
 from hist_vlm.losses.itm import hard_negatives, itm_block
 from hist_vlm.losses.mlm import mask_tokens
 from hist_vlm.models.base import HistBatch, TextRows
-from losses_fixtures import CAPTIONS, PAIRS, PHRASES, hist_batch, image_size, pairs_only_on, rows, tiny_albef
+from losses_fixtures import CAPTIONS, PAIRS, PHRASES, hist_batch, pairs_only_on, rows, tiny_albef
 
 F64 = dict(rtol=1e-7, atol=1e-9)
 
@@ -301,7 +301,7 @@ def permuted_batch(model) -> HistBatch:
     """Captions in image order; phrase and subject rows shuffled across images (each still
     with its own image); subjects "man" twice (images 0 and 2)."""
     base = hist_batch(model)
-    size = image_size(model)
+    size = model.image_size
     assert base.pixel_values.shape[-1] == size
     return HistBatch(
         base.pixel_values, base.image_ids, base.captions,

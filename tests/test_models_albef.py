@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from hist_vlm.models import build_backbone
-from hist_vlm.models.albef import AlbefConfig, AlbefModel, reference_gradcam
+from hist_vlm.losses.gradcam import paired_gradcam
+from hist_vlm.models.albef import AlbefConfig, AlbefModel
+from hist_vlm.models.base import MaskedLanguageModel, MomentumTwin, VisionLanguageBackbone
 from hist_vlm.models.base import TextRows
 
 TINY = dict(
@@ -123,15 +125,15 @@ def test_itc_similarity_is_cosine_and_temperature_scaled(model):
     assert torch.allclose(logits, sim / 0.07, atol=1e-5)
 
 
-def test_reference_gradcam_shape_and_mode(model):
+def test_paired_gradcam_shape_and_mode(model):
     ids, mask = model.tokenize(CAPTIONS[:2])
     model.train()
-    maps = reference_gradcam(model, torch.randn(2, 3, 32, 32), ids, mask, block_num=4)
+    maps = paired_gradcam(model, torch.randn(2, 3, 32, 32), ids, mask, layer=2)
     assert model.training  # restored
     model.eval()
     assert maps.shape == (2, 4, 4) and (maps >= 0).all() and maps.sum() > 0 and not maps.requires_grad
-    with pytest.raises(ValueError, match="block_num"):
-        reference_gradcam(model, torch.randn(2, 3, 32, 32), ids, mask, block_num=1)
+    with pytest.raises(ValueError, match="out of range"):
+        paired_gradcam(model, torch.randn(2, 3, 32, 32), ids, mask, layer=-1)
 
 
 def test_momentum_update_math_and_twin():
@@ -156,8 +158,8 @@ def test_momentum_update_math_and_twin():
     assert torch.allclose(out_m, model.text_features(model.encode_text(ids, mask)), atol=1e-6)
     assert twin.fuse(twin.encode_text(ids, mask), mask, twin.encode_image(px), None, 0).cross_attention.shape[-1] == 17
     assert {k.split(".")[0] for k in twin.state_dict()} == {"visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m"}
-    with pytest.raises(RuntimeError, match="ITM"):
-        twin.itm_logits(twin.fuse(twin.encode_text(ids, mask), mask, twin.encode_image(px)))
+    assert isinstance(twin, MomentumTwin) and isinstance(twin, MaskedLanguageModel)
+    assert not isinstance(twin, VisionLanguageBackbone)  # no ITM head: not a backbone of its own
 
 
 def test_without_momentum():
@@ -182,8 +184,8 @@ def test_user_errors_are_one_line_messages(model):
 def test_config_accepts_albef_names_and_build_backbone():
     cfg = AlbefConfig.from_dict({**TINY, "image_res": 48, "hidden_size": 32})
     assert cfg.image_size == 48 and cfg.text_width == 32
-    model = build_backbone("albef", cfg)
-    assert isinstance(model, AlbefModel) and model.patch_grid == (6, 6)
+    model = build_backbone("albef", {**TINY, "image_res": 48, "hidden_size": 32})
+    assert isinstance(model, AlbefModel) and model.patch_grid == (6, 6) and model.config == cfg
     assert build_backbone("ALBEF", TINY).config == AlbefConfig(**TINY)
     blip = build_backbone("blip", {"size": "tiny"})
     assert type(blip).__name__ == "BlipBackbone"
@@ -216,11 +218,11 @@ def test_default_capture_layer_is_the_third_cross_attention_layer():
     base_like = AlbefModel(AlbefConfig(image_size=32, patch_size=16, vision_width=32, vision_depth=1, vision_heads=2,
                                        text_width=32, text_layers=6, text_heads=2, text_intermediate_size=64,
                                        fusion_layer=2, vocab_size=64, embed_dim=16, max_position_embeddings=32))
-    assert base_like.default_capture_layer == 2  # absolute block fusion_layer + 2, as block 8 of ALBEF-base
+    assert base_like.default_capture_layers == (2,)  # absolute block fusion_layer + 2, as block 8 of ALBEF-base
     small = AlbefModel(AlbefConfig(image_size=32, patch_size=16, vision_width=32, vision_depth=1, vision_heads=2,
                                    text_width=32, text_layers=4, text_heads=2, text_intermediate_size=64,
                                    fusion_layer=2, vocab_size=64, embed_dim=16, max_position_embeddings=32))
-    assert small.default_capture_layer == 1
+    assert small.default_capture_layers == (1,)
 
 
 def test_fan_in_init_scales_every_linear_and_separates_texts():

@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hist_vlm.models.albef import reference_gradcam
+from hist_vlm.losses.gradcam import paired_gradcam
 from hist_vlm.models.albef_checkpoint import load_albef_model, read_albef_state_dict
 from hist_vlm.models.tokenization import AlbefTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "albef"
 SIZES = dict(vision_heads=2, text_heads=2)  # head counts cannot be read off the weights
+# the reference maps are ALBEF Grounding.py's block_num=4: cross-attention layer 4 - fusion_layer
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_itm_and_itc_match_reference(model, ref):
 
 
 def test_gradcam_matches_grounding_recipe(model, ref):
-    ours = reference_gradcam(model, ref["image"], ref["ids"], ref["mask"], block_num=4)
+    ours = paired_gradcam(model, ref["image"], ref["ids"], ref["mask"], layer=4 - model.config.fusion_layer)
     assert ours.shape == ref["gradcam"].shape == (4, 4, 4)
     torch.testing.assert_close(ours, ref["gradcam"], rtol=1e-4, atol=1e-10)
     assert ref["gradcam"].abs().max() > 1e-6
@@ -59,7 +60,7 @@ def test_checkpoint_loaded_at_another_resolution_matches_grounding_loader(ref):
     with torch.no_grad():
         close(model.itm_logits_from(image, ids, mask), ref["itm48"])
         close(model.itc_similarity(image, ids, mask), ref["itc48"])
-    torch.testing.assert_close(reference_gradcam(model, image, ids, mask, block_num=4), ref["gradcam48"], rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(paired_gradcam(model, image, ids, mask, layer=4 - model.config.fusion_layer), ref["gradcam48"], rtol=1e-4, atol=1e-10)
 
 
 def test_load_report_names_reference_extras():

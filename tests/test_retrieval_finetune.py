@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
-from hist_vlm.models.loading import PACKAGED
+from hist_vlm.models.registry import PACKAGED
 from hist_vlm.train.config import load_config
 from train_helpers import read_log
 

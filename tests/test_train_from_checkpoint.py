@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 import hist_vlm.train.loop as loop
 from hist_vlm.cli import app
-from hist_vlm.models.loading import EXPECTED, load_pretrained
+from hist_vlm.models import load_backbone
+from hist_vlm.models.registry import expected_formats
 from hist_vlm.train.config import load_config
 from hist_vlm.train.loop import train
 from train_helpers import CONFIGS, tiny_overrides, write_world
@@ -105,13 +106,13 @@ def _config_without_weights(p):
 
 
 @pytest.mark.parametrize("make, message", [
-    (_empty, EXPECTED),
-    (_model_without_config, EXPECTED),
+    (_empty, expected_formats()),
+    (_model_without_config, expected_formats()),
     (_garbage_file, "not a torch checkpoint"),
     (_unsafe_pickle, "cannot be read safely: it holds argparse.Namespace objects"),
     (_html_error_page, "is not a torch checkpoint (it starts with b'<!DO': a truncated download or a saved error page?)"),
     (_truncated_download, "is a damaged torch checkpoint"),
-    (_foreign_config, "cannot tell the backbone"),
+    (_foreign_config, "no backbone can read this"),
     (_config_without_weights, "model.safetensors"),
 ])
 def test_unreadable_checkpoints_are_one_line_errors(make, message, first_run, tmp_path):
@@ -131,20 +132,20 @@ def test_the_wrong_backbone_name_is_an_error(first_run, tmp_path):
     world, ckpt = first_run
     res = CliRunner().invoke(app, ["train", "demo_tiny", *tiny_overrides(*world, tmp_path / "run", f"model.checkpoint={ckpt}",
                                                                          "model.name=blip")])
-    assert res.exit_code == 2 and "holds a albef model but model.name is blip" in res.output
+    assert res.exit_code == 2 and "holds a albef model, not blip" in res.output
 
 
 def test_a_blip_training_checkpoint_loads_through_the_shared_loader(tmp_path):
-    """BLIP has no save_pretrained: a training checkpoint's model/ holds the wrapper's state
-    and its build config (train.checkpoint), which training and eval now both read."""
+    """A training checkpoint's model/ is the backbone's save_pretrained folder, which training
+    and eval both read (it once came back as a random BLIP-base: the wrapper's state was
+    handed to transformers, which ignored it)."""
     from hist_vlm.models import build_backbone
-    from hist_vlm.train.checkpoint import _save_weights
 
     torch.manual_seed(0)
     blip = build_backbone("blip", {"size": "tiny"})
-    _save_weights(blip, tmp_path / "step-00000007" / "model", {"backbone": "blip", "config": {"size": "tiny"}})
-    loaded = load_pretrained(tmp_path / "step-00000007")
-    assert type(loaded).__name__ == "BlipBackbone"
+    blip.save_pretrained(tmp_path / "step-00000007" / "model")
+    loaded = load_backbone(tmp_path / "step-00000007")
+    assert type(loaded).__name__ == "BlipBackbone" and loaded.image_size == 32
     theirs = loaded.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in blip.state_dict().items())
 

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
-from hist_vlm.eval.runner import load_backbone
+from hist_vlm.models import load_backbone
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
 from hist_vlm.models.tokenization import (
     SPECIAL_TOKENS,

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
-from hist_vlm.models.albef_vqa import AlbefVqaModel, VqaModelConfig, load_vqa_model
+from hist_vlm.models.albef_vqa import AlbefVqaModel
+from hist_vlm.models.registry import load_head
 from hist_vlm.models.base import TextRows
 from hist_vlm.models.tokenization import build_vocab, write_vocab_file
 
@@ -29,7 +30,7 @@ def _backbone(tmp_path, momentum=True) -> AlbefModel:
 def test_decoder_is_initialised_from_the_multimodal_layers(tmp_path):
     backbone = _backbone(tmp_path)
     src = backbone.state_dict()
-    model, report = AlbefVqaModel.from_backbone(backbone, VqaModelConfig(distill=True))
+    model, report = AlbefVqaModel.from_backbone(backbone, distill=True)
     dst = model.state_dict()
     checked = 0
     for suffix in ("", "_m"):
@@ -59,7 +60,7 @@ def test_decoder_is_initialised_from_the_multimodal_layers(tmp_path):
 def test_momentum_from_online_and_vocabulary_extension(tmp_path):
     backbone = _backbone(tmp_path, momentum=False)
     old = backbone.text_encoder.bert.embeddings.word_embeddings.weight
-    model, report = AlbefVqaModel.from_backbone(backbone, VqaModelConfig(distill=True),
+    model, report = AlbefVqaModel.from_backbone(backbone, distill=True,
                                                 extra_words=["yes", "purple", "4"], vocab_dir=tmp_path / "run")
     assert report.momentum_from_online and report.vocabulary_added == ["4", "purple"]   # "yes" was known
     new = model.text_decoder.bert.embeddings.word_embeddings.weight
@@ -87,7 +88,7 @@ def _brute_loglik(model: AlbefVqaModel, states, q_mask, b: int, answer_ids: torc
 
 @torch.no_grad()
 def test_ranking_picks_the_highest_sequence_likelihood(tmp_path):
-    model, _ = AlbefVqaModel.from_backbone(_backbone(tmp_path), VqaModelConfig(distill=False))
+    model, _ = AlbefVqaModel.from_backbone(_backbone(tmp_path), distill=False)
     model.eval()
     torch.manual_seed(1)
     answers = ["red", "big red", "big blue", "small green", "2", "yes", "no", "small red circle"]
@@ -113,11 +114,11 @@ def test_ranking_picks_the_highest_sequence_likelihood(tmp_path):
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    model, _ = AlbefVqaModel.from_backbone(_backbone(tmp_path), VqaModelConfig(distill=True))
+    model, _ = AlbefVqaModel.from_backbone(_backbone(tmp_path), distill=True)
     model.save_pretrained(tmp_path / "vqa")
-    loaded = load_vqa_model(tmp_path / "vqa")
+    loaded = load_head(tmp_path / "vqa", "vqa")
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert loaded.vqa_config == model.vqa_config
-    with pytest.raises(ValueError, match="not a VQA model"):
-        _backbone(tmp_path).save_pretrained(tmp_path / "plain") or load_vqa_model(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a VQA model: .* holds albef"):
+        _backbone(tmp_path).save_pretrained(tmp_path / "plain") or load_head(tmp_path / "plain", "vqa")

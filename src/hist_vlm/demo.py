@@ -120,7 +120,7 @@ def _train_config(settings: DemoSettings, variant: str, seed: int, phrases: Path
 
 def _train_and_load(cfg):
     """Train (or reuse a finished run of the same config) and return the final model."""
-    from hist_vlm.eval.runner import load_backbone
+    from hist_vlm.models import load_backbone
     from hist_vlm.train.checkpoint import latest_checkpoint
     from hist_vlm.train.loop import train
 
@@ -179,9 +179,8 @@ def _evaluate(model, cfg, records, out: Path):
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     from hist_vlm.data.grounding import read_synthetic
-    from hist_vlm.eval.runner import load_backbone
-
-    from hist_vlm.models.loading import model_folder
+    from hist_vlm.models import load_backbone
+    from hist_vlm.models.registry import model_folder
 
     if not (model_folder(settings.base) / "config.json").is_file():
         from hist_vlm.train.config import ConfigError

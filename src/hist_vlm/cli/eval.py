@@ -39,12 +39,12 @@ def resolve_device(device: str) -> str:
 def load_model(config: Optional[Path], checkpoint: Path, image_size=None):
     """(backbone, training config or None) from the CLI's model options; the config names the
     backbone. User mistakes become one-line errors."""
-    from hist_vlm.eval.runner import load_backbone
+    from hist_vlm.models import load_backbone
     from hist_vlm.train.config import ConfigError, load_config
 
     try:
         cfg = load_config(config) if config is not None else None
-        return load_backbone(checkpoint, cfg.model.name if cfg else None, image_size), cfg
+        return load_backbone(checkpoint, cfg.model.name if cfg else None, image_size=image_size), cfg
     except (ConfigError, ValueError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
 
@@ -70,11 +70,11 @@ def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combi
 def sweep_source(config: Optional[Path], checkpoint: Path, device, image_size, grid: dict):
     """(GradcamSweep over the grid named by the --sweep-* options, training config); a grid
     value the model cannot take (layer or head out of range, unknown combine) is one line."""
-    from hist_vlm.eval.sweep import GradcamSweep, build_grid, cross_attention_heads
+    from hist_vlm.eval.sweep import GradcamSweep, build_grid
 
     model, cfg = load_model(config, checkpoint, image_size)
     try:
-        settings = build_grid(model.num_cross_attention_layers, cross_attention_heads(model), **grid)
+        settings = build_grid(model.num_cross_attention_layers, model.num_cross_attention_heads, **grid)
         return GradcamSweep(model, settings, device=resolve_device(device)), cfg
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

@@ -28,12 +28,12 @@ def vqa(
     """VQA accuracy (overall and per answer type) and the results file for the evaluation server."""
     from hist_vlm.data.vqa import read_answer_list, read_vqa_file
     from hist_vlm.eval.vqa import answer_questions, score_answers, write_results
-    from hist_vlm.models.albef_vqa import load_vqa_model
+    from hist_vlm.models.registry import load_head
     from hist_vlm.train.config import ConfigError, load_config
 
     try:
         cfg = load_config(config)
-        model = load_vqa_model(checkpoint)
+        model = load_head(checkpoint, "vqa")
         records = read_vqa_file(data, need_answers=False)
         answer_list = answer_list or (Path(cfg.vqa.answer_list) if cfg.vqa.answer_list else data.parent / "answer_list.json")
         candidates = read_answer_list(answer_list)

@@ -52,54 +52,9 @@ class MapSource(Protocol):
 
 # ----------------------------------------------------------------------------- the model side
 
-def _configs(model):
-    """Config objects of a backbone and of its direct submodules (transformers models keep
-    theirs there), with their vision/text sub-configs."""
-    for obj in (model, *model.children()):
-        cfg = getattr(obj, "config", None)
-        if cfg is None:
-            continue
-        yield cfg
-        for sub in ("vision_config", "text_config"):
-            if getattr(cfg, sub, None) is not None:
-                yield getattr(cfg, sub)
-
-
-def _config_int(model, name: str) -> int | None:
-    """The first integer `name` of the backbone itself or of its configs."""
-    for obj in (model, *_configs(model)):
-        value = getattr(obj, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def model_image_size(model) -> int:
-    """The square input resolution a backbone was built for."""
-    size = _config_int(model, "image_size")
-    if size is None:
-        raise ValueError(f"cannot tell the input resolution of {type(model).__name__}")
-    return size
-
-
-def load_backbone(checkpoint: str | Path, name: str | None = None, image_size: int | None = None):
-    """A trained backbone from `checkpoint`: a `save_pretrained` folder, a training checkpoint
-    (`RUN/checkpoints/step-N`, whose `model/` is used), an official ALBEF `.pth` or a BLIP folder
-    (`hist_vlm.models.loading`, the loader training uses too).
-
-    `name` ("albef" | "blip") defaults to what the checkpoint says. `image_size`
-    (official .pth only) builds the model at that resolution with interpolated position
-    embeddings, as ALBEF evaluates RefCOCO+/ReferIt at 384 px.
-    """
-    from hist_vlm.models.loading import load_pretrained
-
-    return load_pretrained(checkpoint, name, image_size=image_size)
-
-
 def text_length_limit(model, max_length: int) -> int:
     """`max_length` tokens, or fewer when the model's position table is shorter."""
-    limit = _config_int(model, "max_position_embeddings")
-    return min(max_length, limit) if limit else max_length
+    return min(max_length, model.max_text_length)
 
 
 def eval_transform(model):
@@ -111,7 +66,7 @@ def eval_transform(model):
 
     from hist_vlm.data.dataset import IMAGE_MEAN, IMAGE_STD
 
-    size = model_image_size(model)
+    size = model.image_size
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -123,7 +78,7 @@ def eval_transform(model):
 class GradcamMaps:
     """ITM GradCAM maps of a backbone (hist_vlm.losses.gradcam, recipe "reference").
 
-    `layers` are 0-based cross-attention layers (None: the backbone's `default_capture_layer`);
+    `layers` are 0-based cross-attention layers (None: the backbone's `default_capture_layers`);
     several are combined with `combine`, `head` picks one head (None: the head mean).
 
     Images are resized to the model's resolution with bicubic interpolation (no crop) and
@@ -140,11 +95,7 @@ class GradcamMaps:
         device: str | torch.device = "cpu",
         max_length: int = 64,
     ):
-        if not layers:
-            default = getattr(model, "default_capture_layer", None)
-            if default is None:
-                raise ValueError(f"{type(model).__name__} has no default GradCAM layer: give the layers")
-            layers = (default,)
+        layers = layers or model.default_capture_layers
         self.model = model.to(device).eval()
         self.layers, self.head, self.combine = tuple(layers), head, combine
         # eval texts are not truncated to the training length (ALBEF's Grounding.py pads to the

@@ -36,12 +36,10 @@ from hist_vlm.eval.runner import (
     format_pct,
     jsonl_sink,
     map_batches,
-    model_image_size,
     query_mask,
     score_query,
 )
 from hist_vlm.losses.gradcam import COMBINES, gradcam_head_maps
-from hist_vlm.models.base import TextRows
 
 #: the default grid: every layer, the head mean and every head, and both combinations of
 #: each pair of neighbouring layers
@@ -151,18 +149,6 @@ def _groups(pairs: str, layers: list[int], n_layers: int) -> list[tuple[int, ...
         _in_range(group, n_layers, "layer")
         groups.append(group)
     return list(dict.fromkeys(groups))
-
-
-def cross_attention_heads(model) -> int:
-    """Heads of the cross-attention: the protocol does not name them, so one tiny no-grad
-    fusion pass reads them off the captured probabilities."""
-    param = next(model.parameters())
-    size = model_image_size(model)
-    ids, mask = model.tokenize(["a"])
-    with torch.no_grad():
-        image = model.encode_image(torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype))
-        rows = TextRows(ids, mask, torch.zeros(1, dtype=torch.long)).to(param.device)
-        return model.fuse_rows(rows, image, capture_layer=0).cross_attention.shape[1]
 
 
 class GradcamSweep(GradcamMaps):

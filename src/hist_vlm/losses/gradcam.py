@@ -147,3 +147,21 @@ def gradcam_head_maps(
     maps = _token_mean(cams, rows.attention_mask, recipe)  # [N, L, heads, T, P] -> [N, L, heads, P]
     maps = maps.view(*maps.shape[:3], gh, gw)  # [N, L, heads, gh, gw]
     return maps if create_graph else maps.detach()
+
+
+def paired_gradcam(
+    model: VisionLanguageBackbone, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, layer: int
+) -> Tensor:
+    """Evaluation GradCAM of text i on image i ([B, 3, H, W], [B, T] x2 -> raw maps [B, gh, gw],
+    detached), recipe "reference" at cross-attention `layer`: ALBEF's `Grounding.py`
+    (`gradcam_mode='itm'`, its `block_num` = fusion_layer + layer). Runs in eval mode, restored
+    afterwards."""
+    rows = TextRows(input_ids, attention_mask, torch.arange(input_ids.shape[0], device=input_ids.device))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            image_embeds = model.encode_image(pixel_values)
+            return gradcam_maps(model, image_embeds, rows, layers=[layer], recipe="reference")
+    finally:
+        model.train(was_training)

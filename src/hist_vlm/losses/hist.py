@@ -43,7 +43,7 @@ from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
 from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
 from hist_vlm.losses.rows import cat_rows
-from hist_vlm.models.base import HistBatch, TextRows, VisionLanguageBackbone
+from hist_vlm.models.base import CaptioningModel, HistBatch, MaskedLanguageModel, TextRows, VisionLanguageBackbone
 
 SCHEDULES = ("paper", "constant", "off")
 ADD_NORMALIZES = ("none", "minmax", "distribution")
@@ -57,11 +57,10 @@ class HistLossConfig:
     lambda_add: float = 1.0
     add_normalize: str = "none"            # what the addition loss compares (module doc)
     #: cross-attention layers (0-based) for the addition-loss GradCAM; None = the backbone's
-    #: `default_capture_layer` (ALBEF: 2 = BERT layer 8; BLIP: 8 = the paper's 9th layer)
+    #: `default_capture_layers` (ALBEF: 2 = BERT layer 8; BLIP: 8 = the paper's 9th layer)
     capture_layers: tuple[int, ...] | None = None
     capture_head: int | None = None        # None = mean over heads (the paper)
     capture_combine: str = "mean"          # or "product" (Table 7)
-    temp: float = 0.07                     # initial temperature when the backbone has none
     queue_size: int = 65536                # ITC queue (only with a momentum twin)
     momentum: float = 0.995
     alpha: float = 0.4                     # distillation weight, ramped over epoch 0 (ALBEF)
@@ -119,30 +118,16 @@ class _Encoded:
 class HistLoss(nn.Module):
     """`HistLoss(config, model)(model, batch, progress) -> {'loss', 'itc', ..., 'add', 'hist_weight'}`.
 
-    Holds the ITC queues (with a momentum twin) and, for backbones without one, the learnable
-    temperature: give its parameters to the optimizer too."""
+    Holds the ITC queue (with a momentum twin); the temperature is the backbone's."""
 
     def __init__(self, config: HistLossConfig, model: VisionLanguageBackbone) -> None:
         super().__init__()
         self.config = config
-        layers = config.capture_layers or (getattr(model, "default_capture_layer", None),)
-        if layers[0] is None:
-            raise ValueError(f"{type(model).__name__} has no default_capture_layer: set capture_layers")
-        self.capture_layers = tuple(int(x) for x in layers)
-        self.temp = None if isinstance(getattr(model, "temp", None), nn.Parameter) else nn.Parameter(
-            torch.tensor(config.temp)
-        )
+        self.capture_layers = tuple(int(x) for x in (config.capture_layers or model.default_capture_layers))
         self.queue: ItcQueue | None = None
         if model.momentum_twin() is not None and config.queue_size > 0:
-            self.queue = ItcQueue(self._embed_dim(model), config.queue_size)
+            self.queue = ItcQueue(model.embed_dim, config.queue_size)
         self._gen: torch.Generator | None = None
-
-    @staticmethod
-    @torch.no_grad()
-    def _embed_dim(model: VisionLanguageBackbone) -> int:
-        p = next(model.parameters())
-        one = torch.ones(1, 1, dtype=torch.long, device=p.device)
-        return model.text_features(model.encode_text(one, one)).shape[-1]
 
     # ---------------------------------------------------------------- randomness
     def _uniform(self, *shape: int, device: torch.device) -> Tensor:
@@ -154,7 +139,7 @@ class HistLoss(nn.Module):
         return local_shard(torch.rand(shape[0] * size, *shape[1:], generator=self._gen, device=device))
 
     def _temperature(self, model: VisionLanguageBackbone) -> Tensor:
-        temp = self.temp if self.temp is not None else model.temp
+        temp = model.temp
         with torch.no_grad():
             temp.clamp_(0.001, 0.5)  # ALBEF clamps at every forward
         return temp
@@ -189,18 +174,19 @@ class HistLoss(nn.Module):
         )
 
     def _language(self, model, twin, kinds: list[TextRows], image_embeds, image_embeds_m, alpha) -> list[Tensor]:
-        """One term per kind. MLM with distillation when the backbone exposes `mlm_logits`
-        (ALBEF; one pass per kind), else its own `text_generation_loss` (BLIP: captioning
-        LM; 0 without a decoder)."""
-        if not hasattr(model, "mlm_logits"):
-            return [model.text_generation_loss(rows, image_embeds) for rows in kinds]
-        tok = model.tokenizer
+        """One term per kind: masked LM with distillation for a `MaskedLanguageModel` (ALBEF;
+        one pass per kind), captioning LM for a `CaptioningModel` (BLIP with its decoder), else 0."""
+        if not isinstance(model, MaskedLanguageModel):
+            if isinstance(model, CaptioningModel):
+                return [model.lm_loss(rows, image_embeds) for rows in kinds]
+            return [image_embeds.new_zeros(()) for _ in kinds]
+        tok = model.mask_tokens
         masked, labels = [], []
         for rows in kinds:
             u = self._uniform(len(rows), 3, rows.input_ids.shape[1], device=image_embeds.device).transpose(0, 1)
             ids, lab = mask_tokens(
                 rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
-                never_mask=(tok.pad_token_id, tok.cls_token_id), probability=self.config.mlm_probability,
+                never_mask=tok.never_mask, probability=self.config.mlm_probability,
             )
             masked.append(TextRows(ids, rows.attention_mask, rows.image_index))
             labels.append(lab)
@@ -210,7 +196,7 @@ class HistLoss(nn.Module):
             args = (rows.input_ids, rows.attention_mask)
             logits = model.mlm_logits(*args, image_embeds, rows.image_index, positions=chosen)  # [K, V]
             logits_m = None
-            if twin is not None and alpha > 0:
+            if isinstance(twin, MaskedLanguageModel) and alpha > 0:
                 with torch.no_grad():
                     logits_m = twin.mlm_logits(*args, image_embeds_m, rows.image_index, positions=chosen)
             out.append(mlm_loss(logits, lab[chosen], logits_m, alpha))

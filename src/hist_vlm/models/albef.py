@@ -9,10 +9,12 @@ values are projected once per image and then gathered for the text rows that poi
 """
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
@@ -28,7 +30,18 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone, captured_output, capture_layers
+from hist_vlm._io import atomic_write_bytes
+from hist_vlm.models.base import (
+    FusionOutput,
+    MaskedLanguageModel,
+    MaskTokens,
+    MomentumTwin,
+    TextRows,
+    VisionLanguageBackbone,
+    captured_output,
+    capture_layers,
+)
+from hist_vlm.models.registry import register
 from hist_vlm.models.tokenization import AlbefTokenizer
 
 # Names that ALBEF's YAML / config_bert.json use for the same sizes.
@@ -46,6 +59,7 @@ _ALIASES = {
 
 
 INITS = ("bert", "fan_in")
+VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) travels with it
 
 
 @dataclass
@@ -122,6 +136,13 @@ class AlbefConfig:
             layer_norm_eps=self.text_layer_norm_eps,
             pad_token_id=0,
         )
+
+
+#: the size the tests build (`build_sized("albef", "tiny")`); "base" is AlbefConfig's defaults
+TINY = dict(
+    image_size=32, patch_size=8, vision_width=32, vision_depth=2, vision_heads=2, text_width=32, text_layers=4,
+    text_heads=4, text_intermediate_size=64, fusion_layer=2, embed_dim=16,
+)
 
 
 def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
@@ -339,14 +360,15 @@ def _check_pairing(image_index: Tensor | None, n_rows: int, image_embeds: Tensor
         raise ValueError(f"{n_rows} text rows and {image_embeds.shape[0]} images: pass image_index to pair them")
 
 
-class _AlbefProtocol(VisionLanguageBackbone):
+class _AlbefTowers(abc.ABC):
     """The protocol over one set of towers; the online model and its momentum twin share it."""
 
     config: AlbefConfig
     _tokenizer: AlbefTokenizer | None = None
 
+    @abc.abstractmethod
     def _towers(self) -> _Towers:
-        raise NotImplementedError
+        """The online towers, or the momentum copies."""
 
     @property
     def tokenizer(self) -> AlbefTokenizer:
@@ -356,20 +378,41 @@ class _AlbefProtocol(VisionLanguageBackbone):
         return self._tokenizer
 
     @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
     def patch_grid(self) -> tuple[int, int]:
         g = self.config.image_size // self.config.patch_size
         return (g, g)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def max_text_length(self) -> int:
+        return self.config.max_position_embeddings
 
     @property
     def num_cross_attention_layers(self) -> int:
         return self.config.text_layers - self.config.fusion_layer
 
     @property
-    def default_capture_layer(self) -> int:
-        """GradCAM layer when none is configured: the 3rd cross-attention layer (BERT block 8 of
-        ALBEF-base), which ALBEF's Grounding.py, SelfEQ and the HIST paper use; the last one
-        for models with fewer cross-attention layers."""
-        return min(2, self.num_cross_attention_layers - 1)
+    def num_cross_attention_heads(self) -> int:
+        return self.config.text_heads
+
+    @property
+    def default_capture_layers(self) -> tuple[int, ...]:
+        """The 3rd cross-attention layer (BERT block 8 of ALBEF-base), which ALBEF's
+        Grounding.py, SelfEQ and the HIST paper use; the last one for models with fewer
+        cross-attention layers."""
+        return (min(2, self.num_cross_attention_layers - 1),)
+
+    @property
+    def mask_tokens(self) -> MaskTokens:
+        tok = self.tokenizer
+        return MaskTokens(tok.mask_token_id, tok.vocab_size, (tok.pad_token_id, tok.cls_token_id))
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """`[CLS] wordpieces` (no [SEP]) after `pre_caption`; `max_length` defaults to the config's."""
@@ -404,6 +447,19 @@ class _AlbefProtocol(VisionLanguageBackbone):
         _check_pairing(image_index, text_embeds.shape[0], image_embeds)
         return self._towers().text.fusion(text_embeds, attention_mask, image_embeds, image_index, capture_layer)
 
+    def fuse_rows(
+        self,
+        rows: TextRows,
+        image_embeds: Tensor,
+        *,
+        text_embeds: Tensor | None = None,
+        capture_layer: int | Sequence[int] | None = None,
+    ) -> FusionOutput:
+        """See the protocol: the fusion layers continue `text_embeds` (encoded here if not given)."""
+        if text_embeds is None:
+            text_embeds = self.encode_text(rows.input_ids, rows.attention_mask)
+        return self.fuse(text_embeds, rows.attention_mask, image_embeds, rows.image_index, capture_layer)
+
     def mlm_logits(
         self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_index: Tensor | None = None,
         positions: Tensor | None = None,
@@ -415,12 +471,13 @@ class _AlbefProtocol(VisionLanguageBackbone):
         return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, image_index, positions)
 
 
-class AlbefModel(_AlbefProtocol):
+@register("albef", sizes={"tiny": TINY, "base": {}}, derives_vocab=True)
+class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
     """ALBEF with ITC projections, ITM head, learnable `temp` and (optionally) momentum copies.
 
-    Beyond the protocol: `mlm_logits` (also on the momentum twin), `itm_logits_from`,
-    `itc_similarity`, `save_pretrained` / `from_pretrained` (safetensors + JSON) and
-    `from_albef_checkpoint` (official `.pth` files, see `albef_checkpoint`).
+    Beyond the protocol: `fuse` (fusion of encoded text), `itm_logits_from` and
+    `itc_similarity` (ALBEF's evaluation entry points). Official `.pth` files load through
+    `albef_checkpoint`.
     """
 
     def __init__(self, config: AlbefConfig | None = None, tokenizer: AlbefTokenizer | None = None):
@@ -488,35 +545,24 @@ class AlbefModel(_AlbefProtocol):
         sim = image @ text.t()
         return sim / self.temp if divide_by_temp else sim
 
-    # --- checkpoints ---
-
-    def save_pretrained(self, directory) -> None:
-        """`model.safetensors` + `config.json` in `directory`."""
-        from hist_vlm.models.albef_checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
+    # --- checkpoints (the folder layout is the protocol's save_pretrained / from_pretrained) ---
 
     @classmethod
-    def from_pretrained(cls, directory) -> "AlbefModel":
-        from hist_vlm.models.albef_checkpoint import from_pretrained
+    def from_config(cls, config: dict, *, root: Path | None = None) -> "AlbefModel":
+        """`AlbefConfig` fields or ALBEF's names; a `vocab_file` is looked up in `root` first
+        (where `config_dict` copied it), else taken as the path it is."""
+        config = dict(config)
+        if root is not None and config.get("vocab_file") is not None:
+            config["vocab_file"] = stored_vocab(Path(root), config["vocab_file"])
+        return cls(AlbefConfig.from_dict(config))
 
-        return from_pretrained(directory)
-
-    @classmethod
-    def from_albef_checkpoint(
-        cls, path, config: AlbefConfig | None = None, verbose: bool = True, **overrides
-    ) -> "AlbefModel":
-        """Build from an official ALBEF/SelfEQ `.pth` (sizes read off the weights, with
-        `overrides` such as `image_size=384`, unless `config` is given) and load it; the
-        load report is printed (verbose) and kept in `model.load_report`."""
-        from hist_vlm.models.albef_checkpoint import load_albef_model
-
-        return load_albef_model(path, config, verbose=verbose, **overrides)
+    def config_dict(self, directory: Path | None = None) -> dict:
+        return stored_config(self.config, directory)
 
 
-class AlbefMomentumTwin(_AlbefProtocol):
-    """The protocol on the momentum copies (`*_m`). Every call runs without autograd.
-    ALBEF has no momentum ITM head, so `itm_logits` is not available here."""
+class AlbefMomentumTwin(_AlbefTowers, MomentumTwin, MaskedLanguageModel):
+    """The towers' methods on the momentum copies (`*_m`). Every call runs without autograd.
+    ALBEF has no momentum ITM head."""
 
     def __init__(self, model: AlbefModel):
         super().__init__()
@@ -530,39 +576,29 @@ class AlbefMomentumTwin(_AlbefProtocol):
     def _towers(self) -> _Towers:
         return _Towers(self.visual_encoder_m, self.text_encoder_m, self.vision_proj_m, self.text_proj_m)
 
-    def itm_logits(self, fused: FusionOutput) -> Tensor:
-        raise RuntimeError("ALBEF's momentum model has no ITM head; use the online model's itm_logits")
-
-    def momentum_twin(self) -> None:
-        return None
-
 
 for _name in ("encode_image", "encode_text", "image_features", "text_features", "fuse", "mlm_logits"):
-    setattr(AlbefMomentumTwin, _name, torch.no_grad()(getattr(_AlbefProtocol, _name)))
+    setattr(AlbefMomentumTwin, _name, torch.no_grad()(getattr(_AlbefTowers, _name)))
 
 
-def reference_gradcam(
-    model: AlbefModel, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, block_num: int = 8
-) -> Tensor:
-    """ALBEF's evaluation GradCAM (`Grounding.py`, `gradcam_mode='itm'`), text i on image i.
+def stored_config(config: AlbefConfig, directory: Path | None) -> dict:
+    """`config` as a dict; with `directory`, the model's own vocabulary is copied there and
+    named relative to it, so a copied or moved folder tokenizes exactly as the original did."""
+    out = config.to_dict()
+    if directory is not None and config.vocab_file is not None:
+        source = Path(config.vocab_file)
+        if not source.is_file():
+            raise FileNotFoundError(f"the model's vocabulary file is gone: {source}")
+        atomic_write_bytes(Path(directory) / VOCAB_FILE, source.read_bytes())
+        out["vocab_file"] = VOCAB_FILE
+    return out
 
-    `block_num` is the absolute BERT layer (8 = the 3rd cross-attention layer of ALBEF-base).
-    Runs in eval mode (restored afterwards): d(match logit)/d(cross-attention probabilities),
-    image-CLS column dropped, gradient clamped at 0 element-wise, times the attention, padding
-    rows zeroed but counted (mean over heads, then over all T padded token rows), through the
-    generic `hist_vlm.losses.gradcam.gradcam_maps(recipe="reference")`. Raw maps [B, g, g], detached.
-    """
-    from hist_vlm.losses.gradcam import gradcam_maps
 
-    n_cross, fusion = model.num_cross_attention_layers, model.config.fusion_layer
-    if not fusion <= block_num < fusion + n_cross:
-        raise ValueError(f"block_num must be a cross-attention layer, in [{fusion}, {fusion + n_cross}), got {block_num}")
-    rows = TextRows(input_ids, attention_mask, torch.arange(input_ids.shape[0], device=input_ids.device))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            image_embeds = model.encode_image(pixel_values)
-            return gradcam_maps(model, image_embeds, rows, layers=[block_num - fusion], recipe="reference")
-    finally:
-        model.train(was_training)
+def stored_vocab(directory: Path, stored: str) -> str:
+    """The vocabulary a saved model names: inside its folder (what config_dict writes), else
+    the path as stored (folders written before vocabularies were copied)."""
+    for candidate in (directory / stored, Path(stored)):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise FileNotFoundError(f"{directory}: its vocabulary {stored!r} is neither in the folder nor at that path")
+

@@ -1,4 +1,4 @@
-"""Official ALBEF / SelfEQ checkpoints in, our own safetensors checkpoints in and out.
+"""Official ALBEF / SelfEQ checkpoints in (and out, for parity tests).
 
 Official files are `{'model': state_dict, ...}` (`ALBEF.pth`, `ALBEF_4M.pth`, `refcoco.pth`,
 SelfEQ's `checkpoint_*.pth`) in one of two layouts: pretraining (`text_encoder.bert.*` plus the
@@ -8,7 +8,6 @@ dropped or left missing is named in a `LoadReport`.
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import sys
@@ -18,14 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import Tensor
 
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
+from hist_vlm.models.registry import ForeignFormat, register_foreign
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) travels with it
 _TEXT_PREFIXES = ("text_encoder.", "text_encoder_m.")
 
 
@@ -255,46 +251,12 @@ def load_albef_model(
     return model.eval()
 
 
-def save_pretrained(model: AlbefModel, directory: str | Path) -> None:
-    """`model.safetensors` (tied tensors stored once) + `config.json` (`backbone`, `config`),
-    plus the model's own `vocab.txt` when it has one: config.json then names it relative to
-    the folder, so a copied or moved checkpoint tokenizes exactly as the original did."""
-    from hist_vlm._io import atomic_write_bytes, atomic_write_text
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    if model.config.vocab_file is not None:
-        source = Path(model.config.vocab_file)
-        if not source.is_file():
-            raise FileNotFoundError(f"the model's vocabulary file is gone: {source}")
-        atomic_write_bytes(directory / VOCAB_FILE, source.read_bytes())
-        config["vocab_file"] = VOCAB_FILE
-    save_model(model, str(directory / WEIGHTS_FILE))
-    atomic_write_text(directory / CONFIG_FILE, json.dumps({"backbone": "albef", "config": config}, indent=2) + "\n")
+def _load_official(path: Path, params: dict, image_size: int | None, verbose: bool) -> AlbefModel:
+    """The registry's loader of an official `.pth`: built at `image_size` (position embeddings
+    interpolated) with `params` overriding the sizes read off the weights."""
+    sizes = {**params, **({"image_size": image_size} if image_size else {})}
+    return load_albef_model(path, verbose=verbose, **sizes)
 
 
-def _stored_vocab(directory: Path, stored: str) -> str:
-    """The vocabulary a saved model names: inside its folder (what save_pretrained writes),
-    else the path as stored (folders written before vocabularies were copied)."""
-    for candidate in (directory / stored, Path(stored)):
-        if candidate.is_file():
-            return str(candidate.resolve())
-    raise FileNotFoundError(f"{directory}: its vocabulary {stored!r} is neither in the folder nor at that path")
-
-
-def from_pretrained(directory: str | Path) -> AlbefModel:
-    """The model `save_pretrained` wrote, in eval mode."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved ALBEF model (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    payload = json.loads(config_path.read_text())
-    if payload.get("backbone") != "albef":
-        raise ValueError(f"{config_path} describes backbone {payload.get('backbone')!r}, not 'albef'")
-    config = dict(payload["config"])
-    if config.get("vocab_file") is not None:
-        config["vocab_file"] = _stored_vocab(directory, config["vocab_file"])
-    model = AlbefModel(AlbefConfig.from_dict(config))
-    load_model(model, str(weights_path), strict=True)
-    return model.eval()
+# a single file can only be an official ALBEF / SelfEQ checkpoint: every other format is a folder
+register_foreign("albef", ForeignFormat("an official ALBEF .pth", Path.is_file, _load_official))

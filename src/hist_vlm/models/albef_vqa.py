@@ -17,24 +17,27 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from hist_vlm.models.albef import AlbefConfig, AlbefModel, AlbefTextEncoder, build_vision_encoder
-from hist_vlm.models.albef_checkpoint import (
-    CONFIG_FILE,
+from hist_vlm.models.albef import (
     VOCAB_FILE,
-    WEIGHTS_FILE,
-    LoadReport,
-    _stored_vocab,
+    AlbefConfig,
+    AlbefModel,
+    AlbefTextEncoder,
+    build_vision_encoder,
+    stored_config,
+    stored_vocab,
 )
+from hist_vlm.models.albef_checkpoint import LoadReport
+from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE, register_head
 from hist_vlm.models.base import TextRows
 from hist_vlm.models.tokenization import AlbefTokenizer, read_vocab_file, write_vocab_file
 
-BACKBONE_NAME = "albef_vqa"
 _TOWERS = ("visual_encoder", "text_encoder", "text_decoder")
 _VOCAB_KEYS = ("word_embeddings.weight", "predictions.bias", "predictions.decoder.weight", "predictions.decoder.bias")
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.*)")
@@ -80,6 +83,9 @@ class VqaLoadReport(LoadReport):
 
 class AlbefVqaModel(nn.Module):
     """Towers named as ALBEF's VQA model (`visual_encoder`, `text_encoder`, `text_decoder`, `*_m`)."""
+
+    #: "backbone" in a saved folder's config.json: a VQA model, not a backbone
+    name: ClassVar[str] = "albef_vqa"
 
     def __init__(self, config: AlbefConfig, vqa: VqaModelConfig | None = None):
         super().__init__()
@@ -208,17 +214,24 @@ class AlbefVqaModel(nn.Module):
     update_momentum = AlbefModel.update_momentum
     copy_params_to_momentum = AlbefModel.copy_params_to_momentum
 
+    @property
+    def image_size(self) -> int:
+        """The square input resolution (what the evaluation transform resizes to)."""
+        return self.config.image_size
+
     # --- weights ---
 
     @classmethod
-    def from_backbone(cls, backbone: AlbefModel, vqa: VqaModelConfig | None = None, *,
+    def from_backbone(cls, backbone: AlbefModel, *, decoder_layers: int | None = None, distill: bool = True,
                       extra_words: list[str] = (), vocab_dir: str | Path | None = None,
                       source: str = "backbone") -> tuple["AlbefVqaModel", VqaLoadReport]:
         """The VQA model initialised from a pretrained backbone (ours or an official .pth, as
-        `hist_vlm.models.loading` loaded it). `extra_words` missing from a whole-word vocabulary
+        `hist_vlm.models.registry` loaded it). `extra_words` missing from a whole-word vocabulary
         (a derived one, `model.derive_vocab`) are appended with new embedding rows, and the
         extended vocab.txt is written to `vocab_dir`."""
-        vqa = vqa or VqaModelConfig()
+        if not isinstance(backbone, AlbefModel):
+            raise ValueError(f"the ALBEF VQA model is built on an ALBEF backbone, not {type(backbone).__name__}")
+        vqa = VqaModelConfig(decoder_layers, distill)
         cfg, state = backbone.config, dict(backbone.state_dict())
         added: list[str] = []
         if extra_words:
@@ -249,16 +262,13 @@ class AlbefVqaModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """`model.safetensors` + `config.json` ("backbone": "albef_vqa") + its vocab.txt."""
-        from hist_vlm._io import atomic_write_bytes, atomic_write_text
+        from hist_vlm._io import atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict()
-        if self.config.vocab_file is not None:
-            atomic_write_bytes(directory / VOCAB_FILE, Path(self.config.vocab_file).read_bytes())
-            config["vocab_file"] = VOCAB_FILE
+        config = stored_config(self.config, directory)
         save_model(self, str(directory / WEIGHTS_FILE))
-        payload = {"backbone": BACKBONE_NAME, "config": config, "vqa": dataclasses.asdict(self.vqa_config)}
+        payload = {"backbone": self.name, "config": config, "vqa": dataclasses.asdict(self.vqa_config)}
         atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
 
     @classmethod
@@ -269,13 +279,13 @@ class AlbefVqaModel(nn.Module):
         if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a saved VQA model (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
         payload = json.loads(config_path.read_text())
-        if not isinstance(payload, dict) or payload.get("backbone") != BACKBONE_NAME:
+        if not isinstance(payload, dict) or payload.get("backbone") != cls.name:
             name = payload.get("backbone") if isinstance(payload, dict) else None
-            raise ValueError(f"{config_path} describes {name!r}, not a VQA model ({BACKBONE_NAME!r}): "
+            raise ValueError(f"{config_path} describes {name!r}, not a VQA model ({cls.name!r}): "
                              "fine-tune it first with a VQA preset (hist-vlm train albef_vqa)")
         config = dict(payload["config"])
         if config.get("vocab_file") is not None:
-            config["vocab_file"] = _stored_vocab(directory, config["vocab_file"])
+            config["vocab_file"] = stored_vocab(directory, config["vocab_file"])
         model = cls(AlbefConfig.from_dict(config), VqaModelConfig(**payload.get("vqa", {})))
         load_model(model, str(directory / WEIGHTS_FILE), strict=True)
         return model.eval()
@@ -334,11 +344,4 @@ def _extend_vocabulary(cfg: AlbefConfig, state: dict[str, Tensor], words: list[s
     return dataclasses.replace(cfg, vocab_file=str(path), vocab_size=len(vocab) + n), out, added
 
 
-def load_vqa_model(path: str | Path) -> AlbefVqaModel:
-    """A fine-tuned VQA model from a save_pretrained folder or RUN/checkpoints/step-N."""
-    from hist_vlm.models.loading import model_folder, resolve_checkpoint
-
-    path = resolve_checkpoint(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    return AlbefVqaModel.from_pretrained(model_folder(path))
+register_head("albef", "vqa", AlbefVqaModel)

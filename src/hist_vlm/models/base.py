@@ -8,11 +8,15 @@ points at its image through an `image_index` tensor, and image embeddings are ga
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass, fields
-from typing import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Self, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE
 
 
 @dataclass
@@ -92,14 +96,79 @@ def captured_output(
     return FusionOutput(last_hidden_state, single, tuple(probs))
 
 
+class MomentumTwin(nn.Module, abc.ABC):
+    """The momentum (EMA) copy of a backbone's encoders, for ITC (and MLM) distillation. Every
+    call runs without autograd; its parameters never require grad. Shapes as the backbone's."""
+
+    @abc.abstractmethod
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, 1+P, Dv]."""
+
+    @abc.abstractmethod
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[N, T] -> [N, T, D]."""
+
+    @abc.abstractmethod
+    def image_features(self, image_embeds: Tensor) -> Tensor:
+        """[B, 1+P, Dv] -> [B, E], L2-normalised."""
+
+    @abc.abstractmethod
+    def text_features(self, text_embeds: Tensor) -> Tensor:
+        """[N, T, D] -> [N, E], L2-normalised."""
+
+
 class VisionLanguageBackbone(nn.Module, abc.ABC):
-    """The protocol. Shapes: B images, N text rows, T tokens, P patches, D width, E embed dim."""
+    """The protocol. Shapes: B images, N text rows, T tokens, P patches, D width, E embed dim.
 
-    #: patch grid (rows, cols) of the image encoder at its configured resolution
-    patch_grid: tuple[int, int]
-    #: number of cross-attention (fusion) layers; `capture_layer` indexes them from 0
-    num_cross_attention_layers: int
+    Everything a caller may ask is a typed member here; nothing is probed with `getattr`.
+    Language modelling is optional: a backbone that has it also derives from
+    `MaskedLanguageModel` (ALBEF) or `CaptioningModel` (BLIP with its decoder), and callers
+    check with `isinstance`. A backbone registers itself with `hist_vlm.models.registry.register`.
+    """
 
+    #: registry name, stored as "backbone" in a saved folder's config.json (set by `register`)
+    name: ClassVar[str]
+    #: the ITC temperature, learnable (every backbone owns one; ALBEF clamps it to [0.001, 0.5])
+    temp: nn.Parameter
+
+    # ---------------------------------------------------------------- sizes callers read
+    @property
+    @abc.abstractmethod
+    def image_size(self) -> int:
+        """The square input resolution the image encoder is built for."""
+
+    @property
+    @abc.abstractmethod
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of image patches at `image_size`: the GradCAM map's shape."""
+
+    @property
+    @abc.abstractmethod
+    def embed_dim(self) -> int:
+        """E, the width of the ITC features."""
+
+    @property
+    @abc.abstractmethod
+    def max_text_length(self) -> int:
+        """The most tokens a text row may have (the position table), special tokens included."""
+
+    @property
+    @abc.abstractmethod
+    def num_cross_attention_layers(self) -> int:
+        """Cross-attention (fusion) layers; `capture_layer` indexes them from 0."""
+
+    @property
+    @abc.abstractmethod
+    def num_cross_attention_heads(self) -> int:
+        """Heads of every cross-attention layer (a GradCAM map may use one head)."""
+
+    @property
+    @abc.abstractmethod
+    def default_capture_layers(self) -> tuple[int, ...]:
+        """GradCAM layer(s) when none are configured, for training and evaluation alike. Each
+        must have layers above it (at the last one only [CLS] reaches the ITM head)."""
+
+    # ---------------------------------------------------------------- towers
     @abc.abstractmethod
     def tokenize(self, texts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """Texts -> (input_ids [N, T], attention_mask [N, T]) in this model's conventions
@@ -122,22 +191,6 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         """ITC text features, L2-normalised: [N, T, D] -> [N, E]."""
 
     @abc.abstractmethod
-    def fuse(
-        self,
-        text_embeds: Tensor,
-        attention_mask: Tensor,
-        image_embeds: Tensor,
-        image_index: Tensor,
-        capture_layer: int | Sequence[int] | None = None,
-    ) -> FusionOutput:
-        """Image-grounded text encoding of N rows against image_embeds[image_index].
-
-        text_embeds [N, T, D] from `encode_text`; image_embeds [B, 1+P, Dv]; image_index [N].
-        With `capture_layer` (0-based among cross-attention layers) the softmax
-        probabilities of that layer are returned in the graph, for GradCAM; a sequence of
-        distinct layers captures each of them in `cross_attentions` (`cross_attention` is None).
-        """
-
     def fuse_rows(
         self,
         rows: TextRows,
@@ -146,37 +199,108 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         text_embeds: Tensor | None = None,
         capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
-        """Fusion of token rows: the entry point losses and GradCAM use. The default reuses
-        `text_embeds` from `encode_text` (ALBEF: the fusion layers continue the text layers);
-        a backbone whose fusion re-reads the tokens (BLIP: one BERT stack run again with
-        cross-attention) overrides this and ignores `text_embeds`."""
-        if text_embeds is None:
-            text_embeds = self.encode_text(rows.input_ids, rows.attention_mask)
-        return self.fuse(text_embeds, rows.attention_mask, image_embeds, rows.image_index, capture_layer)
+        """Image-grounded text encoding of the rows against image_embeds[rows.image_index]:
+        the entry point of ITM, GradCAM and retrieval re-ranking.
+
+        image_embeds [B, 1+P, Dv]; `text_embeds` [N, T, D] is `encode_text`'s output for the
+        rows when the caller has it (ALBEF's fusion layers continue the text layers and reuse
+        it; a backbone whose fusion re-reads the tokens, BLIP, ignores it). With
+        `capture_layer` (0-based among cross-attention layers) the softmax probabilities of
+        that layer are returned in the graph, for GradCAM; a sequence of distinct layers
+        captures each of them in `cross_attentions` (`cross_attention` is None).
+        """
 
     @abc.abstractmethod
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         """[N, 2] logits, column 1 = match."""
 
-    def momentum_twin(self) -> "VisionLanguageBackbone | None":
+    # ---------------------------------------------------------------- momentum (optional)
+    def momentum_twin(self) -> MomentumTwin | None:
         """The momentum (EMA) copy used for ITC/MLM distillation, or None when the backbone
-        has none (BLIP). Its parameters never require grad."""
+        has none (BLIP, BLIP-2)."""
         return None
 
     @torch.no_grad()
     def update_momentum(self, momentum: float) -> None:
-        """p_m = momentum * p_m + (1 - momentum) * p, for every parameter of the twin
-        (one fused `torch._foreach_*` call, not a Python loop of kernels)."""
+        """p_m = momentum * p_m + (1 - momentum) * p for every parameter of the twin (one fused
+        `torch._foreach_*` call); nothing to do without a twin."""
 
-    def text_generation_loss(
-        self, rows: TextRows, image_embeds: Tensor, *, momentum: "VisionLanguageBackbone | None" = None
+    # ---------------------------------------------------------------- checkpoints
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: dict[str, Any], *, root: Path | None = None) -> Self:
+        """A randomly initialised model from a JSON-able build config: the `model.params` of a
+        training config, or what `config_dict` stored (`root`: the folder it was stored in,
+        for files the config names relative to it). Unknown keys are a ValueError."""
+
+    @abc.abstractmethod
+    def config_dict(self, directory: Path | None = None) -> dict[str, Any]:
+        """The build config that `from_config` turns back into this architecture. With
+        `directory`, files the model needs besides its weights (a vocabulary, a tokenizer) are
+        written there and named relative to it."""
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """`config.json` ({"backbone": name, "config": config_dict}) + `model.safetensors`
+        (tied tensors stored once): the one folder layout every backbone saves and loads."""
+        from safetensors.torch import save_model
+
+        from hist_vlm._io import atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config_dict(directory)
+        save_model(self, str(directory / WEIGHTS_FILE))
+        payload = {"backbone": self.name, "config": config}
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Self:
+        """The model `save_pretrained` wrote to `directory`, in eval mode (every key loaded)."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not config_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved model (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        payload = json.loads(config_path.read_text())
+        if payload.get("backbone") != cls.name:
+            raise ValueError(f"{config_path} describes backbone {payload.get('backbone')!r}, not {cls.name!r}")
+        model = cls.from_config(dict(payload.get("config") or {}), root=directory)
+        load_model(model, str(weights_path), strict=True)
+        return model.eval()
+
+
+@dataclass(frozen=True)
+class MaskTokens:
+    """The token ids masked language modelling needs."""
+
+    mask_token_id: int
+    vocab_size: int
+    never_mask: tuple[int, ...]   # special tokens that keep their id ([PAD], [CLS])
+
+
+class MaskedLanguageModel(abc.ABC):
+    """Optional capability (ALBEF): masked LM through the multimodal encoder. `hist_vlm.losses`
+    does the masking and the momentum distillation; a twin that can distil derives from it too."""
+
+    @property
+    @abc.abstractmethod
+    def mask_tokens(self) -> MaskTokens:
+        """The ids of [MASK], the vocabulary size and the never-masked specials."""
+
+    @abc.abstractmethod
+    def mlm_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_index: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """The backbone's language-modelling loss on `rows` (BLIP: captioning LM). A scalar;
-        backbones without a language head return 0.
+        """Full multimodal pass + MLM head on already-masked ids [N, T], image_embeds
+        [B, 1+P, Dv] gathered by image_index [N] -> logits [N, T, vocab]; with `positions`
+        (bool [N, T]) only those tokens' logits, [K, vocab] in row-major order."""
 
-        A masked-LM backbone (ALBEF) instead exposes, on the model and on its momentum twin,
-        `mlm_logits(input_ids, attention_mask, image_embeds, image_index) -> [N, T, vocab]`
-        (a full multimodal pass + MLM head on already-masked ids), and `tokenizer` with
-        `mask_token_id`, `pad_token_id`, `cls_token_id`, `vocab_size`: `hist_vlm.losses` does
-        the masking and the momentum distillation, and dispatches on `hasattr(model, "mlm_logits")`."""
-        return image_embeds.new_zeros(())
+
+class CaptioningModel(abc.ABC):
+    """Optional capability (BLIP with its text decoder): image-conditioned language modelling."""
+
+    @abc.abstractmethod
+    def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
+        """Next-token cross-entropy of the rows' texts given their images: a scalar."""

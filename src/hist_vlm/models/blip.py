@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,15 @@ from transformers import (
 )
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
-from hist_vlm.models.base import FusionOutput, TextRows, VisionLanguageBackbone, captured_output, capture_layers
+from hist_vlm.models.base import (
+    CaptioningModel,
+    FusionOutput,
+    TextRows,
+    VisionLanguageBackbone,
+    captured_output,
+    capture_layers,
+)
+from hist_vlm.models.registry import CONFIG_FILE, ForeignFormat, register
 
 #: BLIP's training text length (blip_retrieval / blip_pretrain)
 DEFAULT_MAX_LENGTH = 35
@@ -74,8 +83,38 @@ def blip_config(size: str = "tiny", *, image_size: int | None = None) -> BlipCon
     raise ValueError(f"unknown BLIP size {size!r} (choose tiny or base)")
 
 
+def _is_transformers_blip(path: Path) -> bool:
+    """A folder that transformers' `BlipForImageTextRetrieval.save_pretrained` wrote."""
+    cfg = path / CONFIG_FILE
+    if not (path.is_dir() and cfg.is_file()):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "blip"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def _load_transformers(path: Path, params: dict, image_size: int | None, verbose: bool) -> "BlipBackbone":
+    return BlipBackbone.from_transformers(path, **params).eval()
+
+
+_BUILD_KEYS = ("size", "image_size", "transformers", "with_decoder", "decoder", "use_enc_token", "temp", "tokenizer")
+
+
+@register(
+    "blip",
+    sizes={"tiny": {"size": "tiny", "with_decoder": True}, "base": {"size": "base", "with_decoder": True}},
+    foreign=(ForeignFormat("a transformers BlipForImageTextRetrieval folder", _is_transformers_blip,
+                           _load_transformers),),
+)
 class BlipBackbone(VisionLanguageBackbone):
-    """BLIP ITC/ITM (+ optional captioning decoder for LM) implementing the protocol."""
+    """BLIP ITC/ITM implementing the protocol; with a captioning decoder it is a `BlipCaptioner`."""
+
+    def __new__(cls, retrieval=None, tokenizer=None, decoder=None, **kwargs):
+        # the class says whether there is a language head: isinstance(model, CaptioningModel)
+        if cls is BlipBackbone and decoder is not None:
+            cls = BlipCaptioner
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -91,18 +130,12 @@ class BlipBackbone(VisionLanguageBackbone):
         self.decoder = decoder
         self.tokenizer = tokenizer if tokenizer is not None else blip_tokenizer()
         text_cfg = retrieval.config.text_config
-        vis_cfg = retrieval.config.vision_config
         if not text_cfg.is_decoder:
             raise ValueError("BLIP text config has is_decoder=False: its layers have no cross-attention")
         if len(self.tokenizer) > text_cfg.vocab_size:
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens but the BLIP text model only {text_cfg.vocab_size}"
             )
-        g = vis_cfg.image_size // vis_cfg.patch_size
-        self.patch_grid = (g, g)
-        self.num_cross_attention_layers = text_cfg.num_hidden_layers
-        #: the paper's addition-loss layer: the 9th cross-attention layer (0-based 8)
-        self.default_capture_layer = min(8, text_cfg.num_hidden_layers - 1)
         self.enc_token_id = self._enc_token_id(text_cfg) if use_enc_token else None
         # BLIP keeps its ITC temperature in the model (learnable, like ALBEF); HF drops it.
         self.temp = nn.Parameter(torch.tensor(float(temp)))
@@ -113,22 +146,83 @@ class BlipBackbone(VisionLanguageBackbone):
             return tok_id
         return text_cfg.bos_token_id + 1 if text_cfg.bos_token_id + 1 < text_cfg.vocab_size else None
 
+    # ---------------------------------------------------------------- sizes
+    @property
+    def image_size(self) -> int:
+        return self.retrieval.config.vision_config.image_size
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        g = self.image_size // self.retrieval.config.vision_config.patch_size
+        return (g, g)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.retrieval.config.image_text_hidden_size
+
+    @property
+    def max_text_length(self) -> int:
+        return self.retrieval.config.text_config.max_position_embeddings
+
+    @property
+    def num_cross_attention_layers(self) -> int:
+        return self.retrieval.config.text_config.num_hidden_layers
+
+    @property
+    def num_cross_attention_heads(self) -> int:
+        return self.retrieval.config.text_config.num_attention_heads
+
+    @property
+    def default_capture_layers(self) -> tuple[int, ...]:
+        """The paper's addition-loss layer: the 9th cross-attention layer (0-based 8)."""
+        return (min(8, self.num_cross_attention_layers - 1),)
+
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, config: BlipConfig, *, with_decoder: bool = False, **kwargs) -> "BlipBackbone":
-        """Random init (tests, benchmarks). The config is deep-copied (HF mutates it, docs/reference_code.md)."""
-        retrieval = BlipForImageTextRetrieval(copy.deepcopy(config))
-        decoder = BlipForConditionalGeneration(copy.deepcopy(config)).text_decoder if with_decoder else None
-        return cls(retrieval, decoder=decoder, **kwargs)
+    def from_config(cls, config: dict[str, Any], *, root: Path | None = None) -> "BlipBackbone":
+        """Random init from a build config: `size` ("tiny" | "base", with optional `image_size`)
+        or `transformers` (a `BlipConfig` dict); `with_decoder` (a captioning decoder for the LM
+        loss, `decoder` = its `BlipTextConfig` dict, default the text config), `use_enc_token`,
+        `temp`; `tokenizer`: a folder relative to `root` holding the tokenizer (else BLIP's own)."""
+        unknown = sorted(set(config) - set(_BUILD_KEYS))
+        if unknown:
+            raise ValueError(f"unknown BLIP config key {unknown[0]!r}; known: {', '.join(sorted(_BUILD_KEYS))}")
+        if config.get("transformers") is not None:
+            hf = BlipConfig.from_dict(config["transformers"])
+        else:
+            hf = blip_config(config.get("size", "tiny"), image_size=config.get("image_size"))
+        decoder = None
+        if config.get("decoder") is not None:
+            decoder = BlipTextLMHeadModel(BlipTextConfig.from_dict(config["decoder"]))
+        elif config.get("with_decoder", False):
+            # HF mutates the config it is given (docs/reference_code.md): build from a copy
+            decoder = BlipForConditionalGeneration(copy.deepcopy(hf)).text_decoder
+        tokenizer = None
+        if config.get("tokenizer") is not None:
+            tokenizer = BertTokenizerFast.from_pretrained(Path(root or ".") / config["tokenizer"])
+        return cls(BlipForImageTextRetrieval(copy.deepcopy(hf)), tokenizer, decoder,
+                   use_enc_token=config.get("use_enc_token", True), temp=config.get("temp", 0.07))
+
+    def config_dict(self, directory: Path | None = None) -> dict[str, Any]:
+        """The transformers configs; with `directory`, the tokenizer is saved there too."""
+        config: dict[str, Any] = {
+            "transformers": self.retrieval.config.to_dict(),
+            "decoder": self.decoder.config.to_dict() if self.decoder is not None else None,
+            "use_enc_token": self.enc_token_id is not None,
+        }
+        if directory is not None:
+            self.tokenizer.save_pretrained(directory)
+            config["tokenizer"] = "."
+        return config
 
     @classmethod
-    def from_pretrained(
+    def from_transformers(
         cls, path: str | Path, *, decoder_path: str | Path | None = None, **kwargs
     ) -> "BlipBackbone":
-        """Load a `BlipForImageTextRetrieval` directory (save_pretrained format) and, for the
-        LM loss, the text decoder of a `BlipForConditionalGeneration` directory. The vision
-        tower of the captioning checkpoint is dropped: the decoder reads the retrieval model's
-        image embeddings. The checkpoint's tokenizer is used when present."""
+        """Load a `BlipForImageTextRetrieval` directory (transformers' save_pretrained format)
+        and, for the LM loss, the text decoder of a `BlipForConditionalGeneration` directory.
+        The vision tower of the captioning checkpoint is dropped: the decoder reads the
+        retrieval model's image embeddings. The checkpoint's tokenizer is used when present."""
         path = Path(path)
         for p in (path, decoder_path):
             if p is not None and not (Path(p) / "config.json").is_file():
@@ -164,9 +258,6 @@ class BlipBackbone(VisionLanguageBackbone):
 
     def text_features(self, text_embeds: Tensor) -> Tensor:
         return F.normalize(self.retrieval.text_proj(text_embeds[:, 0]), dim=-1)  # [N, E]
-
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_index, capture_layer=None) -> FusionOutput:
-        raise TypeError("BLIP fusion re-reads the token ids: call fuse_rows(rows, image_embeds)")
 
     def fuse_rows(
         self,
@@ -206,10 +297,13 @@ class BlipBackbone(VisionLanguageBackbone):
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         return self.retrieval.itm_head(fused.last_hidden_state[:, 0])  # [N, 2]
 
-    def text_generation_loss(self, rows: TextRows, image_embeds: Tensor, *, momentum=None) -> Tensor:
-        """Captioning LM loss (BLIP): [CLS] replaced by [DEC], next-token CE over real tokens."""
-        if self.decoder is None:
-            return image_embeds.new_zeros(())
+
+
+class BlipCaptioner(BlipBackbone, CaptioningModel):
+    """BLIP with its captioning decoder: the language-modelling loss of BLIP's pretraining."""
+
+    def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
+        """[CLS] replaced by [DEC], next-token CE over real tokens."""
         ids = rows.input_ids.clone()
         ids[:, 0] = self.decoder.config.bos_token_id
         labels = ids.masked_fill(rows.attention_mask == 0, -100)

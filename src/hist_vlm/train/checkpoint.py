@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 _PREFIX = "step-"
@@ -91,21 +91,10 @@ def _loss_state(objective: nn.Module, model: nn.Module) -> dict[str, torch.Tenso
     return {k: v.contiguous() for k, v in objective.state_dict().items() if v.data_ptr() not in owned}
 
 
-def _save_weights(model: nn.Module, directory: Path, model_config: dict[str, Any]) -> None:
-    """The backbone's own `save_pretrained` layout when it has one, else the same files by hand."""
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
-        return
-    directory.mkdir(parents=True)
-    save_model(model, str(directory / _WEIGHTS))
-    (directory / "config.json").write_text(json.dumps(model_config, indent=2))
-
-
 def save_checkpoint(
     run_dir: str | Path,
     *,
-    model: nn.Module,
-    model_config: dict[str, Any],      # config.json content when the backbone has no save_pretrained
+    model: nn.Module,                  # a backbone, or a task model (VQA): anything with save_pretrained
     objective: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -121,7 +110,7 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_weights(model, tmp / "model", model_config)
+    model.save_pretrained(tmp / "model")
     save_file(_loss_state(objective, model), str(tmp / "loss.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

@@ -361,7 +361,7 @@ class Trainer:
         path = None
         if env.is_main:
             path = save_checkpoint(
-                self.run_dir, model=self.model, model_config={"backbone": cfg.model.name, "config": cfg.model.params},
+                self.run_dir, model=self.model,
                 objective=self.objective, optimizer=self.optimizer, scheduler=self.scheduler, position=self.position,
                 rng_states=states, config=cfg.to_dict(), keep=cfg.run.keep_checkpoints,
             )

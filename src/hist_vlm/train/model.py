@@ -9,10 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-from hist_vlm.models import build_backbone
+from hist_vlm.models import build_backbone, get_backbone, load_backbone
 from hist_vlm.models.base import VisionLanguageBackbone
+from hist_vlm.models.registry import resolve_checkpoint
 from hist_vlm.train.config import ConfigError, ModelConfig
 
 
@@ -28,10 +27,13 @@ def check_checkpoint_given(cfg: ModelConfig) -> None:
 def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = None,
                 vocab_file: str | Path | None = None) -> VisionLanguageBackbone:
     """From scratch out of `cfg.params` (with a derived vocabulary when given: its size and
-    file), or from `cfg.checkpoint`: any path `hist_vlm.models.loading` reads, a training
-    checkpoint `RUN/checkpoints/step-N` included (weights only; `--resume` continues a run)."""
-    if cfg.name not in ("albef", "blip"):
-        raise ConfigError(f"model.name must be albef or blip, got {cfg.name!r}")
+    file), or from `cfg.checkpoint`: any path the registry loads (`hist_vlm.models.registry`),
+    a training checkpoint `RUN/checkpoints/step-N` included (weights only; `--resume`
+    continues a run)."""
+    try:
+        get_backbone(cfg.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
     check_checkpoint_given(cfg)
     given = cfg.params.get("image_size", image_size)
     if given != image_size:
@@ -42,32 +44,14 @@ def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = Non
             return build_backbone(cfg.name, {**cfg.params, "image_size": image_size, **derived})
         except (TypeError, ValueError) as e:  # an unknown or ill-typed model.params key
             raise ConfigError(f"model.params: {e}") from None
-    from hist_vlm.models.loading import checkpoint_backbone, load_pretrained, resolve_checkpoint
-
     path = resolve_checkpoint(cfg.checkpoint)
     if not path.exists():
         raise ConfigError(f"model.checkpoint not found: {path}")
+    params = {k: v for k, v in cfg.params.items() if k != "image_size"}
     try:
-        stored = checkpoint_backbone(path)
-        if stored != cfg.name:
-            raise ConfigError(f"model.checkpoint {path} holds a {stored} model but model.name is {cfg.name}")
-        params = {**cfg.params, "image_size": image_size} if cfg.name == "albef" else cfg.params
-        model = load_pretrained(path, cfg.name, params=params, verbose=True)
+        return load_backbone(path, cfg.name, params=params, image_size=image_size, verbose=True)
     except (OSError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(f"model.checkpoint: {e}") from None
-    _check_input_size(model, image_size, path)
-    return model
-
-
-def _check_input_size(model: VisionLanguageBackbone, image_size: int, path: Path) -> None:
-    """A pretrained model is built for its own resolution: try one blank image now."""
-    try:
-        with torch.no_grad():
-            model.encode_image(torch.zeros(1, 3, image_size, image_size))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{path} does not take data.image_size={image_size} inputs ({e})") from None
 
 
 VOCAB_FILE = "vocab.txt"
@@ -84,8 +68,9 @@ def derive_vocabulary(cfg: ModelConfig, records, run_dir: Path, *, resume: bool,
     """
     if not cfg.derive_vocab:
         return None, None
-    if cfg.name != "albef":
-        raise ConfigError(f"model.derive_vocab is for ALBEF trained from scratch; {cfg.name} keeps its own tokenizer")
+    if not get_backbone(cfg.name).derives_vocab:
+        raise ConfigError(f"model.derive_vocab is for backbones trained from scratch on their own word list; "
+                          f"{cfg.name} keeps its own tokenizer")
     taken = sorted({"vocab_file", "vocab_size"} & set(cfg.params))
     if taken:
         raise ConfigError(f"model.derive_vocab=true sets model.params.{taken[0]} itself: remove that key")

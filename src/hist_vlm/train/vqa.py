@@ -82,13 +82,13 @@ class VqaTask:
     def build_model(self) -> nn.Module:
         """The backbone (`model.checkpoint`, or from scratch) turned into the VQA model, ALBEF's
         decoder initialisation; `model.derive_vocab` gives a whole-word vocabulary the VQA words."""
-        from hist_vlm.models.albef import AlbefModel
-        from hist_vlm.models.albef_vqa import AlbefVqaModel, VqaModelConfig
+        from hist_vlm.models import get_backbone
         from hist_vlm.models.tokenization import SPECIAL_TOKENS, write_vocab_file
 
         cfg = self.cfg
-        if cfg.model.name != "albef":
-            raise ConfigError(f"task vqa fine-tunes ALBEF (model.name=albef), got {cfg.model.name!r}")
+        head = get_backbone(cfg.model.name).heads.get("vqa")
+        if head is None:
+            raise ConfigError(f"task vqa: the {cfg.model.name} backbone has no VQA model")
         words = vocabulary_words(self.records, self.candidates) if cfg.model.derive_vocab else []
         vocab = vocab_file = None
         if words and cfg.model.checkpoint is None:   # from scratch: the VQA texts' own vocabulary
@@ -100,11 +100,9 @@ class VqaTask:
             words = []
         model_cfg = cfg.model if cfg.model.checkpoint is None else _without_derive(cfg.model)
         backbone = build_model(model_cfg, cfg.data.image_size, vocab, vocab_file)
-        if not isinstance(backbone, AlbefModel):
-            raise ConfigError("task vqa needs an ALBEF backbone checkpoint")
         try:
-            model, report = AlbefVqaModel.from_backbone(
-                backbone, VqaModelConfig(cfg.vqa.decoder_layers, cfg.vqa.distill), extra_words=words,
+            model, report = head.from_backbone(
+                backbone, decoder_layers=cfg.vqa.decoder_layers, distill=cfg.vqa.distill, extra_words=words,
                 vocab_dir=self.run_dir, source=str(cfg.model.checkpoint or "a new backbone"))
         except ValueError as e:
             raise ConfigError(f"vqa: {e}") from None
