@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from hist_vlm.models import backbone_names, build_sized
 from hist_vlm.models.base import HistBatch, TextRows
-from hist_vlm.models import build_backbone
-from hist_vlm.models.blip import BlipBackbone, blip_config
+from hist_vlm.models.blip import BlipBackbone
+
+#: every registered backbone: the contract tests run on each
+BACKBONES = backbone_names()
 
 CAPTIONS = [
     "a man riding a brown horse on the beach",
@@ -17,13 +20,14 @@ PHRASES = [("a man", "man"), ("a red frisbee", "frisbee"), ("a man", "man"), ("t
 PAIRS = [("a man", "a brown horse"), ("a dog", "a red frisbee"), ("an umbrella", "a bus"), ("two cats", "a couch")]
 
 
-def tiny_blip(seed: int = 0, *, decoder: bool = True, dtype=torch.float32) -> BlipBackbone:
+def tiny_backbone(name: str, seed: int = 0, *, dtype=torch.float32, **overrides):
+    """The registry's "tiny" size of backbone `name` (no dropout), seeded."""
     torch.manual_seed(seed)
-    cfg = blip_config("tiny")
-    cfg.text_config.hidden_dropout_prob = 0.0
-    cfg.text_config.attention_probs_dropout_prob = 0.0
-    model = build_backbone("blip", {"transformers": cfg.to_dict(), "with_decoder": decoder})
-    return model.to(dtype)
+    return build_sized(name, "tiny", **overrides).to(dtype)
+
+
+def tiny_blip(seed: int = 0, *, decoder: bool = True, dtype=torch.float32) -> BlipBackbone:
+    return tiny_backbone("blip", seed, dtype=dtype, with_decoder=decoder)
 
 
 def rows(model, texts: list[str], image_index: list[int], pad_to: int | None = None) -> TextRows:
@@ -54,15 +58,7 @@ def hist_batch(model, n_images: int = 4, seed: int = 0, pad_to: int | None = Non
 
 
 def tiny_albef(seed: int = 0, *, momentum: bool = True, dtype=torch.float32):
-    from hist_vlm.models.albef import AlbefConfig, AlbefModel
-
-    torch.manual_seed(seed)
-    cfg = AlbefConfig(
-        image_size=32, patch_size=8, vision_width=32, vision_depth=2, vision_heads=2,
-        text_width=32, text_layers=4, text_heads=4, text_intermediate_size=64, fusion_layer=2,
-        embed_dim=16, hidden_dropout=0.0, attention_dropout=0.0, momentum=momentum,
-    )
-    return AlbefModel(cfg).to(dtype)
+    return tiny_backbone("albef", seed, dtype=dtype, momentum=momentum)
 
 
 def shard_batch(batch: HistBatch, rank: int, world: int) -> HistBatch:
@@ -81,8 +77,13 @@ def shard_batch(batch: HistBatch, rank: int, world: int) -> HistBatch:
     )
 
 
+#: the DDP test's build settings: BLIP without its LM decoder (transformers averages the LM
+#: loss per rank, so two half batches are not one whole batch)
+DDP_OVERRIDES = {"blip": {"with_decoder": False}}
+
+
 def build(name: str, dtype=torch.float32):
-    return tiny_blip(decoder=False, dtype=dtype) if name == "blip" else tiny_albef(dtype=dtype)
+    return tiny_backbone(name, dtype=dtype, **DDP_OVERRIDES.get(name, {}))
 
 
 def pairs_only_on(batch: HistBatch, images: list[int]) -> HistBatch:

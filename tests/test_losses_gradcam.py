@@ -5,15 +5,14 @@ import torch
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import TextRows
-from losses_fixtures import tiny_albef, tiny_blip
+from losses_fixtures import BACKBONES, tiny_backbone, tiny_blip
 
-BACKBONES = {"blip": (tiny_blip, 1), "albef": (tiny_albef, 1)}  # (factory, capture layer)
+LAYER = 1  # a cross-attention layer of every tiny backbone
 TEXTS = ["a man", "a man riding a brown horse on the beach", "two cats and a dog"]
 
 
 def _setup(name, dtype=torch.float32):
-    factory, layer = BACKBONES[name]
-    model = factory(dtype=dtype).eval()
+    model, layer = tiny_backbone(name, dtype=dtype).eval(), LAYER
     s = model.image_size
     img = model.encode_image(torch.randn(2, 3, s, s, dtype=dtype))
     return model, layer, img
@@ -43,7 +42,8 @@ def test_each_row_of_a_batch_equals_its_map_alone(name):
 
 
 def test_head_and_layer_combinations():
-    model, _, img = _setup("blip")
+    model = tiny_blip().eval()
+    img = model.encode_image(torch.randn(2, 3, 32, 32))
     rows = _rows(model, TEXTS[:2], [0, 1])
     l0, l2 = (gradcam_maps(model, img, rows, layers=(k,), head=3) for k in (0, 2))
     torch.testing.assert_close(gradcam_maps(model, img, rows, layers=(0, 2), head=3), (l0 + l2) / 2)
@@ -58,40 +58,36 @@ def test_head_and_layer_combinations():
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_second_order_gradient_matches_finite_differences(name):
-    """d/dw of a scalar of the maps, for one weight below the captured layer and one above it
-    (the latter only gets gradient through create_graph=True)."""
+    """d/dw of a scalar of the maps, for the first and the last parameter that get gradient:
+    the image encoder's (below the captured layer) and the ITM head's (above it: only
+    create_graph=True carries gradient there)."""
     model, layer, _ = _setup(name, dtype=torch.float64)
     s = model.image_size
     px = torch.randn(2, 3, s, s, dtype=torch.float64)
     rows = _rows(model, TEXTS, [0, 1, 1])
     weights = torch.rand(3, *model.patch_grid, dtype=torch.float64)
-    if name == "blip":
-        layers = model.retrieval.text_encoder.encoder.layer
-        below, above = layers[0].intermediate.dense.weight, layers[2].output.dense.weight
-    else:
-        # captured: fusion-relative 1 = absolute layer 3; its FFN output is above the capture
-        fusion = [m for n, m in model.text_encoder.named_modules() if n.endswith("layer.3.output.dense")]
-        first = [m for n, m in model.text_encoder.named_modules() if n.endswith("layer.0.intermediate.dense")]
-        below, above = first[0].weight, fusion[0].weight
 
     def f():
         maps = gradcam_maps(model, model.encode_image(px), rows, layers=(layer,), create_graph=True)
         return (maps * weights).sum()
 
-    grads = torch.autograd.grad(f(), [below, above])
-    for param, g in zip((below, above), grads):
-        idx = (1, 2)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(f(), [p for _, p in named], allow_unused=True)
+    reached = [(n, p, g) for (n, p), g in zip(named, grads) if g is not None and g.abs().sum() > 0]
+    assert len(reached) > 2
+    for n, param, g in (reached[0], reached[-1]):
+        flat, k = param.view(-1), int(g.abs().argmax())
         eps = 1e-6
         with torch.no_grad():
-            orig = param[idx].item()
-            param[idx] = orig + eps
+            orig = flat[k].item()
+            flat[k] = orig + eps
             up = f().item()
-            param[idx] = orig - eps
+            flat[k] = orig - eps
             down = f().item()
-            param[idx] = orig
+            flat[k] = orig
         fd = (up - down) / (2 * eps)
-        assert abs(fd) > 0, "finite difference is zero: the test would prove nothing"
-        assert g[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-12)
+        assert abs(fd) > 0, f"{n}: finite difference is zero: the test would prove nothing"
+        assert g.view(-1)[k].item() == pytest.approx(fd, rel=1e-5, abs=1e-12), n
 
 
 @pytest.mark.parametrize("name", BACKBONES)

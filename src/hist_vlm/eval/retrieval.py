@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hist_vlm.data.retrieval import RetrievalCorpus
+from hist_vlm.losses.itc import similarity
 
 #: ALBEF's `k_test` (configs/Retrieval_coco.yaml, Retrieval_flickr.yaml); synthetic: ours
 DEFAULT_K = {"coco": 256, "flickr30k": 128, "synthetic": 16}
@@ -105,7 +106,7 @@ class EncodedCorpus:
     """Every image and text of a corpus encoded once, on the evaluation device."""
 
     image_embeds: Tensor    # [I, 1+P, Dv]
-    image_feats: Tensor     # [I, E], L2-normalised
+    image_feats: Tensor     # [I, E] (or [I, K, E], losses.itc.similarity), L2-normalised
     text_embeds: Tensor     # [N, T, D] unimodal text encoder output
     text_feats: Tensor      # [N, E], L2-normalised
     input_ids: Tensor       # [N, T]
@@ -307,7 +308,7 @@ def evaluate_retrieval(
         text_batch_size=text_batch_size, max_length=text_length_limit(model, max_length),
         num_workers=num_workers, progress=progress,
     )
-    sims = enc.image_feats.float() @ enc.text_feats.float().t()  # [I, N] cosine, ALBEF's sims_matrix
+    sims = similarity(enc.image_feats.float(), enc.text_feats.float())  # [I, N] cosine, ALBEF's sims_matrix
     common = dict(pair_batch=pair_batch, score=score, progress=progress)
     i2t = rerank(model, enc, sims, k_test, queries="image", **common).cpu().numpy()
     t2i = rerank(model, enc, sims.t(), k_test, queries="text", **common).cpu().numpy()

@@ -35,7 +35,7 @@ def text_keys(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 class ItcSide:
     """What one kind of rows brings to the ITC loss; `*_cols` are already gathered."""
 
-    image_feat: Tensor        # [B, E] online, local images
+    image_feat: Tensor        # [B, E] (or [B, K, E], `similarity`) online, local images
     text_feat: Tensor         # [N, E] online, local rows
     image_ids: Tensor         # [B] dataset image ids, local
     row_image_ids: Tensor     # [N] image id of each local row
@@ -97,6 +97,17 @@ def _soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(fp32_or_wider(logits), dim=1) * targets).sum(1)  # [rows]
 
 
+def similarity(rows: Tensor, cols: Tensor) -> Tensor:
+    """Dot products of L2-normalised features: [A, E] x [C, E] -> [A, C]. A side with K
+    vectors per item ([A, K, E]: BLIP-2's query features) scores its best vector per pair,
+    as BLIP-2's ITC does (max over queries)."""
+    if rows.dim() == 2 and cols.dim() == 2:
+        return rows @ cols.t()
+    if rows.dim() == 3:
+        return torch.einsum("ake,ce->ack", rows, cols).amax(-1)
+    return torch.einsum("ae,cke->ack", rows, cols).amax(-1)
+
+
 def fp32_or_wider(x: Tensor) -> Tensor:
     """Loss math in float32 under bf16/fp16 autocast, float64 stays float64 (exactness tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -115,9 +126,9 @@ def itc_loss(side: ItcSide, temp: Tensor, *, queue: ItcQueue | None = None, alph
         pos_i2t = torch.cat([pos_i2t, side.image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)
 
     def against(rows: Tensor, cols: Tensor, queued: Tensor | None) -> Tensor:
-        """[n, E] -> [n, cols (+Q)]: two products, so the [Q, E] queue is never concatenated."""
-        sim = rows @ cols.t()
-        return sim if queued is None else torch.cat([sim, rows @ queued.to(rows.dtype).t()], 1)
+        """[n, (K,) E] -> [n, cols (+Q)]: two products, so the [Q, E] queue is never concatenated."""
+        sim = similarity(rows, cols)
+        return sim if queued is None else torch.cat([sim, similarity(rows, queued.to(rows.dtype))], 1)
 
     sim_t2i = against(side.text_feat, side.image_cols, q_img) / temp   # [N, Bg(+Q)]
     sim_i2t = against(side.image_feat, side.text_cols, q_txt) / temp   # [B, Ng(+Q)]

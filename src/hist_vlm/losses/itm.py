@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hist_vlm.losses.distributed import global_mean
-from hist_vlm.losses.itc import fp32_or_wider, positive_masks
+from hist_vlm.losses.itc import fp32_or_wider, positive_masks, similarity
 from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import TextRows, VisionLanguageBackbone
 
@@ -38,7 +38,7 @@ def hard_negatives(
     """(negative image per text [N], negative text per image [B]); pos [N, B] local positives."""
     with torch.no_grad():
         if hard:
-            sim = fp32_or_wider(text_feat) @ fp32_or_wider(image_feat).t() / temp  # [N, B]
+            sim = similarity(fp32_or_wider(text_feat), fp32_or_wider(image_feat)) / temp  # [N, B]
             # positives masked BEFORE the softmax: masked after it, a peaked row (low temp)
             # underflows to all zeros and sample_rows' uniform fallback could draw a positive
             w_t2i = F.softmax(sim.masked_fill(pos, float("-inf")), 1).nan_to_num(0.0)

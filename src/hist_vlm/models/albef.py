@@ -138,10 +138,11 @@ class AlbefConfig:
         )
 
 
-#: the size the tests build (`build_sized("albef", "tiny")`); "base" is AlbefConfig's defaults
+#: the size the tests build (`build_sized("albef", "tiny")`, no dropout: batched and per-row
+#: passes are compared in train mode); "base" is AlbefConfig's defaults, ALBEF-base
 TINY = dict(
     image_size=32, patch_size=8, vision_width=32, vision_depth=2, vision_heads=2, text_width=32, text_layers=4,
-    text_heads=4, text_intermediate_size=64, fusion_layer=2, embed_dim=16,
+    text_heads=4, text_intermediate_size=64, fusion_layer=2, embed_dim=16, hidden_dropout=0.0, attention_dropout=0.0,
 )
 
 

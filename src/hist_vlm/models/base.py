@@ -184,7 +184,9 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def image_features(self, image_embeds: Tensor) -> Tensor:
-        """ITC image features, L2-normalised: [B, 1+P, Dv] -> [B, E]."""
+        """ITC image features, L2-normalised: [B, 1+P, Dv] -> [B, E], or [B, K, E] for a
+        backbone that scores an image by the best of K vectors (BLIP-2's query tokens; the
+        losses and retrieval compare features with `hist_vlm.losses.itc.similarity`)."""
 
     @abc.abstractmethod
     def text_features(self, text_embeds: Tensor) -> Tensor:

@@ -67,10 +67,10 @@ def blip_tokenizer() -> BertTokenizerFast:
 
 def blip_config(size: str = "tiny", *, image_size: int | None = None) -> BlipConfig:
     """Random-init configs: `tiny` (tests, width 32, 3 text layers) or `base` (ViT-B/16, BERT-base)."""
-    if size == "tiny":
+    if size == "tiny":  # no dropout: the tests compare batched and per-row passes in train mode
         text = BlipTextConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=64,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )
         vision = BlipVisionConfig(
             hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
@@ -191,6 +191,7 @@ class BlipBackbone(VisionLanguageBackbone):
             hf = BlipConfig.from_dict(config["transformers"])
         else:
             hf = blip_config(config.get("size", "tiny"), image_size=config.get("image_size"))
+        retrieval = BlipForImageTextRetrieval(copy.deepcopy(hf))  # first: the random init order of old runs
         decoder = None
         if config.get("decoder") is not None:
             decoder = BlipTextLMHeadModel(BlipTextConfig.from_dict(config["decoder"]))
@@ -200,7 +201,7 @@ class BlipBackbone(VisionLanguageBackbone):
         tokenizer = None
         if config.get("tokenizer") is not None:
             tokenizer = BertTokenizerFast.from_pretrained(Path(root or ".") / config["tokenizer"])
-        return cls(BlipForImageTextRetrieval(copy.deepcopy(hf)), tokenizer, decoder,
+        return cls(retrieval, tokenizer, decoder,
                    use_enc_token=config.get("use_enc_token", True), temp=config.get("temp", 0.07))
 
     def config_dict(self, directory: Path | None = None) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which backbone, its sizes, and optional pretrained weights."""
 
-    name: str = "albef"                                      # "albef" | "blip"
+    name: str = "albef"                                      # a registered backbone (hist_vlm.models.backbone_names())
     checkpoint: str | None = None                            # a save_pretrained dir or an official .pth
     params: dict[str, Any] = field(default_factory=dict)     # backbone config fields (sizes, fusion_layer, ...)
     # from scratch (ALBEF): the vocabulary is the training texts' words, written to RUN/vocab.txt
