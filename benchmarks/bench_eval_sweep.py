@@ -4,6 +4,7 @@ synthetic-world queries. Both must give the same per-query points; the script ch
 
     python benchmarks/bench_eval_sweep.py                               # small ALBEF, CPU
     python benchmarks/bench_eval_sweep.py --size base --device cuda     # ALBEF-base at 384 px
+    python benchmarks/bench_eval_sweep.py --backbone blip --size tiny   # any registered backbone
 """
 from __future__ import annotations
 
@@ -18,23 +19,21 @@ from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.data.synthetic import generate_world
 from hist_vlm.eval.runner import GradcamMaps, evaluate
 from hist_vlm.eval.sweep import GradcamSweep, build_grid, evaluate_sweep
-from hist_vlm.models.albef import AlbefConfig, AlbefModel
+from hist_vlm.models import backbone_names, build_sized
 
 from bench_eval_retrieval import timed  # (seconds, result), CUDA-synchronised
 
-SIZES = {
-    "tiny": dict(image_size=64, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2, text_width=32,
-                 text_layers=4, text_heads=2, text_intermediate_size=64, fusion_layer=1, embed_dim=16,
-                 momentum=False),
-    "small": dict(image_size=128, patch_size=16, vision_width=256, vision_depth=4, vision_heads=4, text_width=256,
-                  text_layers=6, text_heads=4, text_intermediate_size=1024, fusion_layer=3, momentum=False),
-    "base": dict(image_size=384, momentum=False),
-}
+
+
+def build_model(backbone: str, size: str):
+    """The registry's named size; "base" at 384 px, as ALBEF evaluates grounding."""
+    return build_sized(backbone, size, **({"image_size": 384} if size == "base" else {}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--backbone", choices=backbone_names(), default="albef")
+    ap.add_argument("--size", default="small", help="a size the backbone registers (albef: tiny, small, base)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -44,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = AlbefModel(AlbefConfig(**SIZES[args.size]))
+    model = build_model(args.backbone, args.size)
     grid = build_grid(model.num_cross_attention_layers, model.num_cross_attention_heads,
                       layers=args.layers, heads=args.heads)
     sweep = GradcamSweep(model, grid, device=args.device)
@@ -70,7 +69,7 @@ def main() -> None:
 
         apart, same = timed(separate)
     n, s = len(records), len(grid)
-    print(f"ALBEF {args.size} {model.config.image_size}px on {args.device}: {n} queries over {args.images} images, "
+    print(f"{args.backbone} {args.size} {model.image_size}px on {args.device}: {n} queries over {args.images} images, "
           f"batch {args.batch_size}, {s} settings ({model.num_cross_attention_layers} layers, "
           f"{model.num_cross_attention_heads} heads, mean + each head, adjacent pairs x mean/product)")
     print(f"  one-pass sweep        : {one_pass:8.2f} s  ({n * s / one_pass:9.1f} query-settings/s)")

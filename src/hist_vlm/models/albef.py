@@ -144,6 +144,11 @@ TINY = dict(
     image_size=32, patch_size=8, vision_width=32, vision_depth=2, vision_heads=2, text_width=32, text_layers=4,
     text_heads=4, text_intermediate_size=64, fusion_layer=2, embed_dim=16, hidden_dropout=0.0, attention_dropout=0.0,
 )
+#: the CPU benchmarks' size: big enough for timings to mean something, small enough for 2 cores
+SMALL = dict(
+    image_size=128, patch_size=16, vision_width=256, vision_depth=4, vision_heads=4, text_width=256, text_layers=6,
+    text_heads=4, text_intermediate_size=1024, fusion_layer=3, momentum=False,
+)
 
 
 def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
@@ -472,7 +477,7 @@ class _AlbefTowers(abc.ABC):
         return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, image_index, positions)
 
 
-@register("albef", sizes={"tiny": TINY, "base": {}}, derives_vocab=True)
+@register("albef", sizes={"tiny": TINY, "small": SMALL, "base": {}}, derives_vocab=True)
 class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
     """ALBEF with ITC projections, ITM head, learnable `temp` and (optionally) momentum copies.
 
