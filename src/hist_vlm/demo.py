@@ -80,10 +80,7 @@ class DemoResult:
 
 def prepare_world(settings: DemoSettings) -> tuple[Path, Path]:
     """Synthetic world + parsed training captions, built once and reused: (phrases, world dir)."""
-    from hist_vlm.data.captions import read_captions
-    from hist_vlm.data.synthetic import generate_world
-    from hist_vlm.text.corpus import atomic_write_jsonl, parse_images
-    from hist_vlm.text.spacy_parser import SpacyParser
+    from hist_vlm.data.synthetic import generate_parsed_world
 
     world = settings.out_dir / "world"
     phrases = world / "phrases_train.jsonl"
@@ -92,10 +89,8 @@ def prepare_world(settings: DemoSettings) -> tuple[Path, Path]:
             "image_size": settings.image_size, "seed": settings.world_seed}
     if phrases.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         return phrases, world
-    paths = generate_world(world, n_train=settings.n_train, n_val=0, n_test=settings.n_test,
-                           image_size=settings.image_size, seed=settings.world_seed)
-    images = read_captions(paths.captions["train"], "jsonl")
-    atomic_write_jsonl(phrases, parse_images(images, SpacyParser(), seed=settings.world_seed))
+    generate_parsed_world(world, phrases, n_train=settings.n_train, n_val=0, n_test=settings.n_test,
+                          image_size=settings.image_size, seed=settings.world_seed)
     stamp.write_text(json.dumps(want))
     return phrases, world
 

@@ -13,11 +13,11 @@ from typing import Optional
 import typer
 
 from hist_vlm.cli import app
+from hist_vlm.data.grounding import BENCHMARKS
 
 eval_app = typer.Typer(help="Evaluate a trained checkpoint.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-BENCHMARKS = ("refcoco+", "refclef", "flickr30k", "synthetic")
 
 # the model options every eval command shares (typer reads these defaults per command)
 CONFIG = typer.Argument(..., help="The training config YAML of the checkpoint.")

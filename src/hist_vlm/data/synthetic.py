@@ -372,3 +372,18 @@ def generate_world(
         "shapes": SHAPES, "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS),
     }, indent=2))
     return WorldPaths(root, captions_paths, grounding_path, manifest)
+
+
+def generate_parsed_world(out_dir: str | Path, phrases: str | Path, *, n_train: int, n_val: int, n_test: int,
+                          image_size: int, seed: int) -> WorldPaths:
+    """`generate_world`, then its training captions through the `hist-vlm parse` pipeline
+    (caption reader, spaCy parser, Algorithm 1 seeded by `seed`) into `phrases`: what the demo
+    and a `data.synthetic` run train on, built by the same steps a user runs by hand."""
+    from hist_vlm.data.captions import read_captions
+    from hist_vlm.text.corpus import atomic_write_jsonl, parse_images
+    from hist_vlm.text.spacy_parser import SpacyParser
+
+    paths = generate_world(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
+    images = read_captions(paths.captions["train"], "jsonl")
+    atomic_write_jsonl(Path(phrases), parse_images(images, SpacyParser(), seed=seed))
+    return paths

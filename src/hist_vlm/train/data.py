@@ -34,13 +34,8 @@ def prepare_data(cfg: DataConfig, run_dir: Path, is_main: bool, barrier: Callabl
 
 
 def _build_synthetic(cfg: DataConfig, world: Path, phrases: Path) -> None:
-    from hist_vlm.data.captions import read_captions
-    from hist_vlm.data.synthetic import generate_world
-    from hist_vlm.text.corpus import atomic_write_jsonl, parse_images
-    from hist_vlm.text.spacy_parser import SpacyParser
+    from hist_vlm.data.synthetic import generate_parsed_world
 
     syn = cfg.synthetic
-    paths = generate_world(world, n_train=syn.n_train, n_val=syn.n_val, n_test=syn.n_test,
-                           image_size=syn.image_size, seed=syn.seed)
-    images = read_captions(paths.captions["train"], "jsonl")
-    atomic_write_jsonl(phrases, parse_images(images, SpacyParser(), seed=syn.seed))
+    generate_parsed_world(world, phrases, n_train=syn.n_train, n_val=syn.n_val, n_test=syn.n_test,
+                          image_size=syn.image_size, seed=syn.seed)
