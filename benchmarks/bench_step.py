@@ -21,7 +21,7 @@ import torch
 
 from hist_vlm.losses.hist import HistLoss, HistLossConfig
 from hist_vlm.models import backbone_names, build_sized
-from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.batch import HistBatch, TextRows
 
 WORDS = "man woman dog cat horse red small wooden table frisbee bus umbrella beach street green tall".split()
 

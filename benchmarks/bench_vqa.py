@@ -16,7 +16,7 @@ import torch
 
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
 from hist_vlm.models.albef_vqa import AlbefVqaModel
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 from hist_vlm.data.vqa import VqaBatch
 from hist_vlm.train.config import VqaConfig
 from hist_vlm.train.vqa import VqaObjective

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from hist_vlm.models import backbone_names, build_sized
-from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.batch import HistBatch, TextRows
 from hist_vlm.models.blip import BlipBackbone
 
 #: every registered backbone: the contract tests run on each

@@ -9,7 +9,8 @@ from torch import nn
 
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.models import get_backbone, load_backbone
-from hist_vlm.models.base import MomentumTwin, TextRows, VisionLanguageBackbone
+from hist_vlm.batch import TextRows
+from hist_vlm.models.base import MomentumTwin, VisionLanguageBackbone
 from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE
 from losses_fixtures import BACKBONES, tiny_backbone
 from train_helpers import tiny_overrides, write_world

@@ -13,7 +13,8 @@ from hist_vlm.data.retrieval import read_caption_corpus
 from hist_vlm.data.synthetic import generate_world
 from hist_vlm.eval.retrieval import NOT_RERANKED, evaluate_retrieval
 from hist_vlm.eval.runner import eval_transform
-from hist_vlm.models.base import FusionOutput, TextRows
+from hist_vlm.batch import TextRows
+from hist_vlm.models.base import FusionOutput
 from losses_fixtures import tiny_albef, tiny_blip
 
 E = 8  # feature size of the scripted backbone

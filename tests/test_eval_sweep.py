@@ -13,7 +13,7 @@ from hist_vlm.data.synthetic import generate_world
 from hist_vlm.eval.runner import GradcamMaps, evaluate
 from hist_vlm.eval.sweep import GradcamSweep, Setting, build_grid, evaluate_sweep
 from hist_vlm.losses.gradcam import gradcam_head_maps, gradcam_maps
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 from losses_fixtures import tiny_albef, tiny_blip
 from test_eval_cli import _run, setup  # noqa: F401  (the CLI fixture: a tiny ALBEF run with a world)
 

@@ -4,7 +4,7 @@ import torch
 
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.losses.rows import cat_rows
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 from losses_fixtures import BACKBONES, tiny_backbone, tiny_blip
 
 LAYER = 1  # a cross-attention layer of every tiny backbone

@@ -18,7 +18,7 @@ from hist_vlm.losses.hist import HistLoss, HistLossConfig, hist_weight
 from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
 from hist_vlm.losses.itm import hard_negatives, itm_block
 from hist_vlm.losses.mlm import mask_tokens
-from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.batch import HistBatch, TextRows
 from losses_fixtures import CAPTIONS, PAIRS, PHRASES, hist_batch, pairs_only_on, rows, tiny_albef
 
 F64 = dict(rtol=1e-7, atol=1e-9)

@@ -6,7 +6,7 @@ from hist_vlm.models import build_backbone
 from hist_vlm.losses.gradcam import paired_gradcam
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
 from hist_vlm.models.base import MaskedLanguageModel, MomentumTwin, VisionLanguageBackbone
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 
 TINY = dict(
     image_size=32, patch_size=8, vision_width=32, vision_depth=2, vision_heads=2,

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from hist_vlm.models.base import CaptioningModel, TextRows
+from hist_vlm.batch import TextRows
+from hist_vlm.models.base import CaptioningModel
 from hist_vlm.models.blip import BlipBackbone, blip_config, blip_tokenizer
 from losses_fixtures import tiny_blip
 

@@ -6,7 +6,7 @@ import torch
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
 from hist_vlm.models.albef_vqa import AlbefVqaModel
 from hist_vlm.models.registry import load_head
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 from hist_vlm.models.tokenization import build_vocab, write_vocab_file
 
 WORDS = "what color is the circle square how many yes no red blue green big small 2 3"

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from hist_vlm.models.base import HistBatch, TextRows
+from hist_vlm.batch import HistBatch, TextRows
 from hist_vlm.text.corpus import ImageRecord as ParsedImage
 from hist_vlm.text.pairs import composite_text
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from hist_vlm.data.dataset import _SIDE_WORD, HistDataset
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 
 #: ALBEF's weight of a Visual Genome answer (a VQA answer weighs its share of the annotators)
 VG_ANSWER_WEIGHT = 0.5

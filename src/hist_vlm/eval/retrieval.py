@@ -168,7 +168,7 @@ def encode_corpus(
 def itm_scores(model, enc: EncodedCorpus, text_index: Tensor, image_index: Tensor) -> Tensor:
     """ITM match logits of M (text, image) pairs: [M] text rows, [M] images -> [M].
     Each distinct image is passed to the fusion once; its rows point at it (as in training)."""
-    from hist_vlm.models.base import TextRows
+    from hist_vlm.batch import TextRows
 
     images, local = torch.unique(image_index, return_inverse=True)
     rows = TextRows(enc.input_ids[text_index], enc.attention_mask[text_index], local)

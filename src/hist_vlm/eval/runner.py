@@ -106,7 +106,7 @@ class GradcamMaps:
 
     def encode(self, pixel_values: Tensor, texts: list[str], image_index: Tensor):
         """(image_embeds [B, 1+P, Dv], TextRows) on the device: each image encoded once."""
-        from hist_vlm.models.base import TextRows
+        from hist_vlm.batch import TextRows
 
         ids, mask = self.model.tokenize(texts, max_length=self.max_length)
         rows = TextRows(ids, mask, image_index).to(self.device)

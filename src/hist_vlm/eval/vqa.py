@@ -183,7 +183,7 @@ def answer_questions(model, records, candidates: Sequence[str], roots: dict[str,
     from tqdm.auto import tqdm
 
     from hist_vlm.eval.runner import eval_transform
-    from hist_vlm.models.base import TextRows
+    from hist_vlm.batch import TextRows
 
     model = model.to(device).eval()
     ids, mask = model.tokenize_answers(list(candidates))                              # [C, Ta]

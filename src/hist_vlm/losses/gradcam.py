@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hist_vlm.models.base import TextRows, VisionLanguageBackbone
+from hist_vlm.batch import TextRows
+from hist_vlm.models.base import VisionLanguageBackbone
 
 RECIPES = ("reference", "train")
 COMBINES = ("mean", "product")

@@ -43,7 +43,8 @@ from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
 from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
 from hist_vlm.losses.rows import cat_rows
-from hist_vlm.models.base import CaptioningModel, HistBatch, MaskedLanguageModel, TextRows, VisionLanguageBackbone
+from hist_vlm.batch import HistBatch, TextRows
+from hist_vlm.models.base import CaptioningModel, MaskedLanguageModel, VisionLanguageBackbone
 
 SCHEDULES = ("paper", "constant", "off")
 ADD_NORMALIZES = ("none", "minmax", "distribution")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 
 
 def cat_rows(*blocks: TextRows, pad_id: int = 0) -> TextRows:

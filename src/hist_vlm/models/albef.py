@@ -31,12 +31,12 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from hist_vlm._io import atomic_write_bytes
+from hist_vlm.batch import TextRows
 from hist_vlm.models.base import (
     FusionOutput,
     MaskedLanguageModel,
     MaskTokens,
     MomentumTwin,
-    TextRows,
     VisionLanguageBackbone,
     captured_output,
     capture_layers,

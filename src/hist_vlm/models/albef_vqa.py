@@ -35,7 +35,7 @@ from hist_vlm.models.albef import (
 )
 from hist_vlm.models.albef_checkpoint import LoadReport
 from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE, register_head
-from hist_vlm.models.base import TextRows
+from hist_vlm.batch import TextRows
 from hist_vlm.models.tokenization import AlbefTokenizer, read_vocab_file, write_vocab_file
 
 _TOWERS = ("visual_encoder", "text_encoder", "text_decoder")

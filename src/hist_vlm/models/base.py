@@ -9,58 +9,15 @@ from __future__ import annotations
 
 import abc
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from hist_vlm.batch import TextRows
 from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE
-
-
-@dataclass
-class TextRows:
-    """A block of tokenized texts, each pointing at one image of the batch."""
-
-    input_ids: Tensor       # [N, T] int64
-    attention_mask: Tensor  # [N, T] int64, 1 = real token
-    image_index: Tensor     # [N] int64, row -> image in the batch
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def to(self, device: torch.device | str) -> "TextRows":
-        return TextRows(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-
-@dataclass
-class HistBatch:
-    """One training batch. B images; texts point at them through `image_index`.
-
-    captions:   one row per image (the usual caption for ITC/ITM/MLM)
-    phrases:    noun phrases C_i (phrase loss)
-    subjects:   subject words S_i of the same phrases, row-aligned with `phrases`
-    pair_first / pair_second / composites: row-aligned triples (C_i, C_j, "C_i and C_j")
-        for the addition loss; may hold zero rows.
-    """
-
-    pixel_values: Tensor  # [B, 3, H, W]
-    image_ids: Tensor     # [B] int64, dataset-wide image id: same id = same image (ITC positives)
-    captions: TextRows
-    phrases: TextRows
-    subjects: TextRows
-    pair_first: TextRows
-    pair_second: TextRows
-    composites: TextRows
-
-    def to(self, device: torch.device | str) -> "HistBatch":
-        return HistBatch(
-            *(
-                v.to(device) if isinstance(v, (Tensor, TextRows)) else v
-                for v in (getattr(self, f.name) for f in fields(self))
-            )
-        )
 
 
 @dataclass

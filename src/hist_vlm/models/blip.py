@@ -34,10 +34,10 @@ from transformers import (
 )
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 
+from hist_vlm.batch import TextRows
 from hist_vlm.models.base import (
     CaptioningModel,
     FusionOutput,
-    TextRows,
     VisionLanguageBackbone,
     captured_output,
     capture_layers,
