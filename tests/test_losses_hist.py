@@ -103,7 +103,7 @@ def test_every_loss_runs_with_finite_values_and_reaches_the_parameters(name):
     for n in must:
         assert named[n].grad is not None and named[n].grad.abs().sum() > 0, n
     if name == "albef":
-        assert loss_fn.queue.ptr.item() == 4  # the 4 captions were enqueued
+        assert loss_fn.itc.queue.ptr.item() == 4  # the 4 captions were enqueued
 
 
 def test_addition_term_alone_trains_layers_above_the_capture():

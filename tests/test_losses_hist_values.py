@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import hist_vlm.losses.hist as hist_module
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.losses.hist import HistLoss, HistLossConfig, hist_weight
-from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
+from hist_vlm.losses.itc import ItcLoss, text_keys
 from hist_vlm.losses.itm import hard_negatives, itm_block
 from hist_vlm.losses.mlm import mask_tokens
 from hist_vlm.batch import HistBatch, TextRows
@@ -228,12 +228,12 @@ def test_itc_distillation_targets_weigh_the_momentum_softmax_by_alpha():
     mask = torch.ones_like(ids)
     image_ids = torch.tensor([20, 21, 22])
     row_image = [0, 1, 2, 0]  # image 0 has two texts
-    queue = ItcQueue(dim=6, size=2).double()
+    itc = ItcLoss(embed_dim=6, queue_size=2).double()
+    queue = itc.queue
     queue.id_queue.copy_(torch.tensor([21, -100]))  # one queued pair belongs to image 21
     temp, alpha = torch.tensor(0.2, dtype=torch.float64), 0.3
-    side = build_side(image_feat, text_feat, image_ids, torch.tensor(row_image), text_keys(ids, mask),
-                      image_feat_m=image_feat_m, text_feat_m=text_feat_m)
-    got = itc_loss(side, temp, queue=queue, alpha=alpha)
+    args = (image_feat, text_feat, image_ids, torch.tensor(row_image), text_keys(ids, mask), temp)
+    got = itc(*args, image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha)
 
     def expected(a: float) -> float:
         img_cols = torch.cat([image_feat_m, queue.image_queue])  # [3 + 2, E]
@@ -258,7 +258,8 @@ def test_itc_distillation_targets_weigh_the_momentum_softmax_by_alpha():
     assert float(got) == pytest.approx(expected(alpha), rel=1e-9)
     assert abs(expected(alpha) - expected(1 - alpha)) > 0.05  # the test tells alpha from 1 - alpha
     # alpha 0: the ground truth alone, the momentum features only as columns
-    assert float(itc_loss(side, temp, queue=queue, alpha=0.0)) == pytest.approx(expected(0.0), rel=1e-9)
+    got0 = itc(*args, image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=0.0)
+    assert float(got0) == pytest.approx(expected(0.0), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- MLM masking

@@ -28,7 +28,8 @@ The vision tower runs once per image; each text kind (captions, phrases, subject
 encoder, the ITM fusion and the MLM at its own padded length. All random
 choices (ITM negatives, MLM masks) come from a generator seeded identically on every rank and
 drawn for the GLOBAL batch, each rank taking its slice: a step gives the same result on one
-process as on many (tests/test_ddp_hist.py). The ITC queues live here, as buffers.
+process as on many (tests/test_ddp_hist.py). The ITC queue is a buffer of the `ItcLoss`
+module (`itc.queue.*`).
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hist_vlm.losses.distributed import gather_no_grad, global_mean, local_shard, world
+from hist_vlm.losses.distributed import global_mean, local_shard, world
 from hist_vlm.losses.gradcam import gradcam_maps, minmax_maps
-from hist_vlm.losses.itc import ItcQueue, build_side, itc_loss, text_keys
+from hist_vlm.losses.itc import ItcLoss, text_keys
 from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
 from hist_vlm.losses.rows import cat_rows
@@ -119,15 +120,13 @@ class _Encoded:
 class HistLoss(nn.Module):
     """`HistLoss(config, model)(model, batch, progress) -> {'loss', 'itc', ..., 'add', 'hist_weight'}`.
 
-    Holds the ITC queue (with a momentum twin); the temperature is the backbone's."""
+    Holds the `ItcLoss` (its queue with a momentum twin); the temperature is the backbone's."""
 
     def __init__(self, config: HistLossConfig, model: VisionLanguageBackbone) -> None:
         super().__init__()
         self.config = config
         self.capture_layers = tuple(int(x) for x in (config.capture_layers or model.default_capture_layers))
-        self.queue: ItcQueue | None = None
-        if model.momentum_twin() is not None and config.queue_size > 0:
-            self.queue = ItcQueue(model.embed_dim, config.queue_size)
+        self.itc = ItcLoss(model.embed_dim, config.queue_size if model.momentum_twin() is not None else 0)
         self._gen: torch.Generator | None = None
 
     # ---------------------------------------------------------------- randomness
@@ -157,11 +156,8 @@ class HistLoss(nn.Module):
 
     def _itc(self, img, texts: _Encoded, image_ids, temp, alpha) -> Tensor:
         image_feat, image_feat_m = img
-        side = build_side(
-            image_feat, texts.feat, image_ids, texts.rows.image_index, texts.keys,
-            image_feat_m=image_feat_m, text_feat_m=texts.feat_m,
-        )
-        return itc_loss(side, temp, queue=self.queue, alpha=alpha)
+        return self.itc(image_feat, texts.feat, image_ids, texts.rows.image_index, texts.keys, temp,
+                        image_feat_m=image_feat_m, text_feat_m=texts.feat_m, alpha=alpha)
 
     def _itm_block(self, image_embeds, image_feat, texts: _Encoded, image_ids, temp) -> ItmBlock:
         dev = image_embeds.device
@@ -260,10 +256,8 @@ class HistLoss(nn.Module):
             total = total + w * hist
         for key in ("phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add"):
             out.setdefault(key, zero)
-        if self.queue is not None:  # after every ITC term of this step has read the queue
-            row_ids = batch.image_ids[caps.rows.image_index]
-            self.queue.enqueue(gather_no_grad(img[1][caps.rows.image_index]), gather_no_grad(caps.feat_m),
-                               gather_no_grad(row_ids))
+        # after every ITC term of this step has read the queue
+        self.itc.enqueue(img[1], caps.feat_m, batch.image_ids, caps.rows.image_index)
         out["loss"] = total
         out["hist_weight"] = torch.tensor(w)
         out["temp"] = temp.detach()

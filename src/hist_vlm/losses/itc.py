@@ -1,4 +1,5 @@
-"""Image-text contrastive loss: multi-positive targets, momentum distillation, feature queues.
+"""Image-text contrastive loss (`ItcLoss`): multi-positive targets, momentum distillation,
+feature queues.
 
 ALBEF recipe (with a momentum twin): rows are the online features, columns the momentum
 features of the whole global batch (gathered) plus the queues; targets are
@@ -11,8 +12,6 @@ that image (same dataset image id) OR is token-identical to a text that does (a 
 many "a man"), so identical texts are never each other's negatives.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,24 +28,6 @@ def text_keys(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         dtype=torch.int64, device=input_ids.device,
     )  # position weights, the same prefix for every padded length
     return ((input_ids * attention_mask) * coef).sum(-1)  # wraps on overflow: still a hash
-
-
-@dataclass
-class ItcSide:
-    """What one kind of rows brings to the ITC loss; `*_cols` are already gathered."""
-
-    image_feat: Tensor        # [B, E] (or [B, K, E], `similarity`) online, local images
-    text_feat: Tensor         # [N, E] online, local rows
-    image_ids: Tensor         # [B] dataset image ids, local
-    row_image_ids: Tensor     # [N] image id of each local row
-    keys: Tensor              # [N] text keys of local rows
-    image_cols: Tensor        # [Bg, E] columns for text->image (momentum or online-with-grad)
-    text_cols: Tensor         # [Ng, E]
-    image_ids_cols: Tensor    # [Bg]
-    row_image_ids_cols: Tensor  # [Ng]
-    keys_cols: Tensor         # [Ng]
-    image_feat_m: Tensor | None = None  # [B, E] momentum, for distillation targets
-    text_feat_m: Tensor | None = None   # [N, E]
 
 
 class ItcQueue(nn.Module):
@@ -113,56 +94,65 @@ def fp32_or_wider(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def itc_loss(side: ItcSide, temp: Tensor, *, queue: ItcQueue | None = None, alpha: float = 0.0) -> Tensor:
-    """(t2i + i2t) / 2, each a global mean over rows with at least one positive."""
-    pos_t2i, pos_i2t = positive_masks(
-        side.row_image_ids, side.keys, side.image_ids,
-        side.row_image_ids_cols, side.keys_cols, side.image_ids_cols,
-    )
-    q_img = q_txt = None
-    if queue is not None:  # read as they are: enqueue never changes these tensors in place
-        q_img, q_txt, q_ids = queue.image_queue.detach(), queue.text_queue.detach(), queue.id_queue
-        pos_t2i = torch.cat([pos_t2i, side.row_image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)
-        pos_i2t = torch.cat([pos_i2t, side.image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)
+class ItcLoss(nn.Module):
+    """ITC as one module that owns its cross-rank gather and its queue (open_clip's `ClipLoss`,
+    https://github.com/mlfoundations/open_clip/blob/main/src/open_clip/loss.py): callers pass
+    LOCAL features; the columns, positives, distillation targets and queue read happen here.
 
-    def against(rows: Tensor, cols: Tensor, queued: Tensor | None) -> Tensor:
-        """[n, (K,) E] -> [n, cols (+Q)]: two products, so the [Q, E] queue is never concatenated."""
-        sim = similarity(rows, cols)
-        return sim if queued is None else torch.cat([sim, similarity(rows, queued.to(rows.dtype))], 1)
+    One instance serves every ITC term of a step (captions, phrases, subjects): all of them
+    read the queue as it was at the start of the step, so `enqueue` is a separate call, made
+    once after the last of them (HistLoss.forward)."""
 
-    sim_t2i = against(side.text_feat, side.image_cols, q_img) / temp   # [N, Bg(+Q)]
-    sim_i2t = against(side.image_feat, side.text_cols, q_txt) / temp   # [B, Ng(+Q)]
-    with torch.no_grad():
-        tgt_t2i = pos_t2i.to(sim_t2i.dtype) / pos_t2i.sum(1, keepdim=True).clamp(min=1)
-        tgt_i2t = pos_i2t.to(sim_i2t.dtype) / pos_i2t.sum(1, keepdim=True).clamp(min=1)
-        if alpha > 0 and side.text_feat_m is not None:
-            soft_t2i = F.softmax(against(side.text_feat_m, side.image_cols, q_img) / temp, 1)
-            soft_i2t = F.softmax(against(side.image_feat_m, side.text_cols, q_txt) / temp, 1)
-            tgt_t2i = alpha * soft_t2i + (1 - alpha) * tgt_t2i
-            tgt_i2t = alpha * soft_i2t + (1 - alpha) * tgt_i2t
-    t2i = global_mean(_soft_ce(sim_t2i, tgt_t2i), pos_t2i.any(1))
-    i2t = global_mean(_soft_ce(sim_i2t, tgt_i2t), pos_i2t.any(1))
-    return (t2i + i2t) / 2
+    def __init__(self, embed_dim: int, queue_size: int = 0) -> None:
+        super().__init__()
+        self.queue = ItcQueue(embed_dim, queue_size) if queue_size > 0 else None
 
+    def forward(
+        self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor, image_index: Tensor, keys: Tensor,
+        temp: Tensor, *, image_feat_m: Tensor | None = None, text_feat_m: Tensor | None = None, alpha: float = 0.0,
+    ) -> Tensor:
+        """(t2i + i2t) / 2, each a global mean over rows with at least one positive.
 
-def build_side(
-    image_feat: Tensor,
-    text_feat: Tensor,
-    image_ids: Tensor,
-    image_index: Tensor,
-    keys: Tensor,
-    *,
-    image_feat_m: Tensor | None = None,
-    text_feat_m: Tensor | None = None,
-) -> ItcSide:
-    """Gather the columns: momentum features when given (no grad), else the online ones with grad."""
-    if image_feat_m is not None and text_feat_m is not None:
-        image_cols, text_cols = gather_no_grad(image_feat_m), gather_no_grad(text_feat_m)
-    else:
-        image_cols, text_cols = gather_with_grad(image_feat), gather_with_grad(text_feat)
-    row_ids = image_ids[image_index]
-    return ItcSide(
-        image_feat, text_feat, image_ids, row_ids, keys,
-        image_cols, text_cols, gather_no_grad(image_ids), gather_no_grad(row_ids), gather_no_grad(keys),
-        image_feat_m, text_feat_m,
-    )
+        image_feat [B, E] (or [B, K, E], `similarity`), text_feat [N, E]: online, local rows;
+        image_ids [B] dataset image ids; image_index [N] row -> local image; keys [N] `text_keys`;
+        image_feat_m [B, E], text_feat_m [N, E]: the momentum twin's (then the columns)."""
+        momentum = image_feat_m is not None and text_feat_m is not None
+        if momentum:  # columns: the momentum features, no grad
+            image_cols, text_cols = gather_no_grad(image_feat_m), gather_no_grad(text_feat_m)  # [Bg, E], [Ng, E]
+        else:         # the online ones, gradient back to their owners
+            image_cols, text_cols = gather_with_grad(image_feat), gather_with_grad(text_feat)
+        row_ids = image_ids[image_index]  # [N] image id of each row
+        image_ids_cols, row_ids_cols, keys_cols = (gather_no_grad(x) for x in (image_ids, row_ids, keys))
+        pos_t2i, pos_i2t = positive_masks(row_ids, keys, image_ids, row_ids_cols, keys_cols, image_ids_cols)
+        q_img = q_txt = None
+        if self.queue is not None:  # read as they are: enqueue never changes these tensors in place
+            q_img, q_txt, q_ids = self.queue.image_queue.detach(), self.queue.text_queue.detach(), self.queue.id_queue
+            pos_t2i = torch.cat([pos_t2i, row_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)    # [N, Bg+Q]
+            pos_i2t = torch.cat([pos_i2t, image_ids.unsqueeze(1) == q_ids.unsqueeze(0)], 1)  # [B, Ng+Q]
+
+        def against(rows: Tensor, cols: Tensor, queued: Tensor | None) -> Tensor:
+            """[n, (K,) E] -> [n, cols (+Q)]: two products, so the [Q, E] queue is never concatenated."""
+            sim = similarity(rows, cols)
+            return sim if queued is None else torch.cat([sim, similarity(rows, queued.to(rows.dtype))], 1)
+
+        sim_t2i = against(text_feat, image_cols, q_img) / temp   # [N, Bg(+Q)]
+        sim_i2t = against(image_feat, text_cols, q_txt) / temp   # [B, Ng(+Q)]
+        with torch.no_grad():
+            tgt_t2i = pos_t2i.to(sim_t2i.dtype) / pos_t2i.sum(1, keepdim=True).clamp(min=1)
+            tgt_i2t = pos_i2t.to(sim_i2t.dtype) / pos_i2t.sum(1, keepdim=True).clamp(min=1)
+            if alpha > 0 and text_feat_m is not None:  # ALBEF's momentum distillation
+                soft_t2i = F.softmax(against(text_feat_m, image_cols, q_img) / temp, 1)
+                soft_i2t = F.softmax(against(image_feat_m, text_cols, q_txt) / temp, 1)
+                tgt_t2i = alpha * soft_t2i + (1 - alpha) * tgt_t2i
+                tgt_i2t = alpha * soft_i2t + (1 - alpha) * tgt_i2t
+        t2i = global_mean(_soft_ce(sim_t2i, tgt_t2i), pos_t2i.any(1))
+        i2t = global_mean(_soft_ce(sim_i2t, tgt_i2t), pos_i2t.any(1))
+        return (t2i + i2t) / 2
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, image_ids: Tensor, image_index: Tensor) -> None:
+        """Push one kind of rows (text i with its image) of every rank: image_feat_m [B, E],
+        text_feat_m [N, E] momentum features, image_ids [B], image_index [N]. No queue: a no-op."""
+        if self.queue is not None:
+            self.queue.enqueue(gather_no_grad(image_feat_m[image_index]), gather_no_grad(text_feat_m),
+                               gather_no_grad(image_ids[image_index]))
