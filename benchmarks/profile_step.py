@@ -4,11 +4,12 @@
     python benchmarks/profile_step.py --size base --device cuda      # batch 56, bf16
 
 Three steps on the same model and batch: the baseline (ITC+ITM+MLM on captions), HIST without
-the addition term (its `_addition` replaced by a zero), and full HIST. The differences give what
-each part costs, forward AND backward. Inside each step the forward is split by component with
-`torch.profiler.record_function` ranges that this script wraps around the library's functions
-(the library itself is not instrumented): total time per range, as the profiler measures it
-(ranges nest: the momentum passes are inside the text / MLM ranges that call them).
+the addition term (its `AdditionTerm.loss` replaced by a zero), and full HIST. The differences
+give what each part costs, forward AND backward. Inside each step the forward is split by
+component with `torch.profiler.record_function` ranges that this script wraps around the
+library's functions (the library itself is not instrumented): total time per range, as the
+profiler measures it (ranges nest: the momentum passes are inside the text / MLM ranges that
+call them).
 Peak memory: CUDA max allocated, or on CPU the peak RSS delta (as bench_step.py; it depends on
 the allocator and on other processes). Saved activations: the distinct storages autograd keeps
 for backward during one forward, parameters and buffers excluded: a deterministic measure of the
@@ -26,10 +27,12 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import hist_vlm.losses.hist as hist_module
+import hist_vlm.losses.terms as terms_module
 from bench_step import SIZES, Stepper, build_model, synthetic_batch
 
 from hist_vlm.losses.hist import HistLoss, HistLossConfig
+from hist_vlm.losses.itc import ItcLoss
+from hist_vlm.losses.terms import AdditionTerm, Itm, Lm
 from hist_vlm.models import backbone_names
 
 #: (label, owner, attribute): the forward components of a step
@@ -37,12 +40,12 @@ RANGES = (
     ("image encoder (online)", "model", "encode_image"),
     ("image encoder (momentum)", "twin", "encode_image"),
     ("momentum update", "model", "update_momentum"),
-    ("text encoders, every kind (+ momentum)", HistLoss, "_encode_all"),
-    ("ITC terms (+ queue)", HistLoss, "_itc"),
-    ("ITM negative sampling", HistLoss, "_itm_block"),
-    ("ITM fusion, all kinds + negatives", hist_module, "itm_losses"),
-    ("MLM captions + phrases (+ momentum)", HistLoss, "_language"),
-    ("addition: GradCAM fusion + create_graph grad", HistLoss, "_addition"),
+    ("text encoders, every kind (+ momentum)", HistLoss, "_encode_texts"),
+    ("ITC terms (+ queue)", ItcLoss, "forward"),
+    ("ITM negative sampling", Itm, "block"),
+    ("ITM fusion, all kinds + negatives", terms_module, "itm_losses"),
+    ("MLM captions + phrases (+ momentum)", Lm, "__call__"),
+    ("addition: GradCAM fusion + create_graph grad", AdditionTerm, "loss"),
 )
 
 
@@ -111,8 +114,8 @@ def saved_activation_mib(stepper: ProfiledStepper) -> float:
     return sum(seen.values()) / 2**20
 
 
-def _no_addition(self, model, image_embeds, batch):
-    return image_embeds.new_zeros(())
+def _no_addition(step):
+    return step.image_embeds.new_zeros(())
 
 
 def profile_step(stepper: ProfiledStepper, device) -> dict[str, float]:
@@ -144,7 +147,7 @@ def run_variant(args) -> dict:
     schedule, no_add = VARIANTS[args.only]
     loss = HistLoss(HistLossConfig(schedule=schedule, queue_size=size.queue), model)
     if no_add:
-        loss._addition = _no_addition.__get__(loss)
+        next(term for name, _, term in loss.terms if name == "add").loss = _no_addition
     stepper = ProfiledStepper(model, loss.to(device), batch, args, device)
     for _ in range(args.warmup):
         stepper.step()

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from hist_vlm.losses.hist import HistLoss, HistLossConfig, addition_loss, hist_weight
+from hist_vlm.losses.hist import HistLoss, HistLossConfig, hist_weight
 from hist_vlm.losses.itc import ItcQueue, positive_masks, text_keys
 from hist_vlm.losses.itm import hard_negatives, sample_rows
 from hist_vlm.losses.mlm import mask_tokens
+from hist_vlm.losses.terms import addition_loss
 from losses_fixtures import hist_batch, tiny_albef, tiny_blip
 
 

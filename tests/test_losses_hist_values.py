@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hist_vlm.losses.hist as hist_module
+import hist_vlm.losses.terms as terms_module
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.losses.hist import HistLoss, HistLossConfig, hist_weight
 from hist_vlm.losses.itc import ItcLoss, text_keys
@@ -323,7 +323,7 @@ def _spy_run(model, batch, monkeypatch, **cfg):
             fusions.append(rws)
         return orig_fuse(rws, image_embeds, **kw)
 
-    real_mask = hist_module.mask_tokens
+    real_mask = terms_module.mask_tokens
 
     def mask_spy(*a, **kw):
         out = real_mask(*a, **kw)
@@ -331,7 +331,7 @@ def _spy_run(model, batch, monkeypatch, **cfg):
         return out
 
     monkeypatch.setattr(model, "fuse_rows", fuse_spy)
-    monkeypatch.setattr(hist_module, "mask_tokens", mask_spy)
+    monkeypatch.setattr(terms_module, "mask_tokens", mask_spy)
     loss = HistLoss(HistLossConfig(schedule="constant", capture_layers=(0,), **cfg), model)
     out = loss(model, batch, 0.0)
     monkeypatch.undo()

@@ -24,12 +24,12 @@ Schedules w(t), t = epochs elapsed (float):
   constant  w = 1
   off       the baseline: HIST terms are not computed at all
 
-The vision tower runs once per image; each text kind (captions, phrases, subjects) runs the text
-encoder, the ITM fusion and the MLM at its own padded length. All random
-choices (ITM negatives, MLM masks) come from a generator seeded identically on every rank and
-drawn for the GLOBAL batch, each rank taking its slice: a step gives the same result on one
-process as on many (tests/test_ddp_hist.py). The ITC queue is a buffer of the `ItcLoss`
-module (`itc.queue.*`).
+`HistLoss` composes named terms (`losses.terms`: one small class each) over one step's context:
+the vision tower runs once per image; each text kind (captions, phrases, subjects) runs the text
+encoder, the ITM fusion and the MLM at its own padded length. All random choices (ITM negatives,
+MLM masks) come from a generator seeded identically on every rank and drawn for the GLOBAL
+batch, each rank taking its slice: a step gives the same result on one process as on many
+(tests/test_ddp_hist.py). The ITC queue is a buffer of the `ItcLoss` module (`itc.queue.*`).
 """
 from __future__ import annotations
 
@@ -38,14 +38,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hist_vlm.losses.distributed import global_mean, local_shard, world
-from hist_vlm.losses.gradcam import gradcam_maps, minmax_maps
-from hist_vlm.losses.itc import ItcLoss, text_keys
-from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses
-from hist_vlm.losses.mlm import mask_tokens, mlm_loss
-from hist_vlm.losses.rows import cat_rows
-from hist_vlm.batch import HistBatch, TextRows
-from hist_vlm.models.base import CaptioningModel, MaskedLanguageModel, VisionLanguageBackbone
+from hist_vlm.batch import HistBatch
+from hist_vlm.losses.distributed import local_shard, world
+from hist_vlm.losses.itc import ItcLoss
+from hist_vlm.losses.terms import (
+    AdditionTerm, CaptionTerm, EncodedText, Itc, Itm, Lm, PhraseTerm, Step, SubjectTerm, TextTerm,
+)
+from hist_vlm.models.base import MomentumTwin, VisionLanguageBackbone
 
 SCHEDULES = ("paper", "constant", "off")
 ADD_NORMALIZES = ("none", "minmax", "distribution")
@@ -93,43 +92,30 @@ def hist_weight(schedule: str, progress: float, ramp_epochs: float = 2.0) -> flo
     return 1.0 - min(1.0, max(0.0, progress) / ramp_epochs)
 
 
-def addition_loss(g_i: Tensor, g_j: Tensor, g_ij: Tensor, normalize: str = "none", eps: float = 1e-12) -> Tensor:
-    """sum over patches |G_i + G_j - G_ij|, averaged over pairs (all ranks): [n, gh, gw] x3 -> scalar.
-    `normalize` (module doc): "none", "minmax" (each map to [0, 1] first) or "distribution"
-    (the parts' sum and the composite each scaled to sum 1)."""
-    if normalize == "minmax":
-        g_i, g_j, g_ij = (minmax_maps(g) for g in (g_i, g_j, g_ij))
-    parts = g_i + g_j
-    if normalize == "distribution":
-        parts = parts / (parts.sum((1, 2), keepdim=True) + eps)
-        g_ij = g_ij / (g_ij.sum((1, 2), keepdim=True) + eps)
-    return global_mean((parts - g_ij).abs().sum((1, 2)))
-
-
-@dataclass
-class _Encoded:
-    """One kind of text rows with everything the losses read."""
-
-    rows: TextRows
-    embeds: Tensor       # [N, T, D]
-    feat: Tensor         # [N, E]
-    feat_m: Tensor | None
-    keys: Tensor         # [N]
-
-
 class HistLoss(nn.Module):
     """`HistLoss(config, model)(model, batch, progress) -> {'loss', 'itc', ..., 'add', 'hist_weight'}`.
 
-    Holds the `ItcLoss` (its queue with a momentum twin); the temperature is the backbone's."""
+    L = L_vl + w(t) * sum of lambda * term over `terms`, a list of (name, lambda, term). Owns the
+    `ItcLoss` (its queue with a momentum twin) and the shared-seed generator (saved with the
+    checkpoint's RNG states as `_gen`); the temperature is the backbone's."""
 
     def __init__(self, config: HistLossConfig, model: VisionLanguageBackbone) -> None:
         super().__init__()
-        self.config = config
-        self.capture_layers = tuple(int(x) for x in (config.capture_layers or model.default_capture_layers))
-        self.itc = ItcLoss(model.embed_dim, config.queue_size if model.momentum_twin() is not None else 0)
+        cfg = self.config = config
+        queue_size = config.queue_size if model.momentum_twin() is not None else 0
+        self.itc = ItcLoss(model.embed_dim, queue_size)
+        #: the vision-language terms, in the order they run (and draw)
+        self.vl_terms = {"itc": Itc(self.itc), "itm": Itm(cfg.itm_hard_negatives, cfg.itm_group_size),
+                         "mlm": Lm(cfg.mlm_probability)}
+        self.vl = CaptionTerm(cfg.mlm_weight)
+        layers = tuple(int(x) for x in (cfg.capture_layers or model.default_capture_layers))
+        self.terms: list[tuple[str, float, TextTerm | AdditionTerm]] = [
+            ("phrase", cfg.lambda_phrase, PhraseTerm(cfg.mlm_weight)),
+            ("subject", cfg.lambda_subject, SubjectTerm()),
+            ("add", cfg.lambda_add, AdditionTerm(layers, cfg.capture_head, cfg.capture_combine, cfg.add_normalize)),
+        ]
         self._gen: torch.Generator | None = None
 
-    # ---------------------------------------------------------------- randomness
     def _uniform(self, *shape: int, device: torch.device) -> Tensor:
         """Uniforms for the local rows, drawn for the global batch ([world * n, ...]) from the
         shared-seed generator, then sliced: identical choices on 1 or many processes."""
@@ -138,132 +124,58 @@ class HistLoss(nn.Module):
         size = world()[1]
         return local_shard(torch.rand(shape[0] * size, *shape[1:], generator=self._gen, device=device))
 
-    def _temperature(self, model: VisionLanguageBackbone) -> Tensor:
+    def _step(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float, kinds: list[str]) -> Step:
+        """The step's context: the images encoded once, each kind of text in `kinds` once."""
+        cfg = self.config
+        twin = model.momentum_twin()
+        alpha = cfg.alpha * min(1.0, max(0.0, progress)) if twin is not None else 0.0  # ramped over epoch 0
+        if twin is not None:
+            model.update_momentum(cfg.momentum)
         temp = model.temp
         with torch.no_grad():
             temp.clamp_(0.001, 0.5)  # ALBEF clamps at every forward
-        return temp
-
-    # ---------------------------------------------------------------- pieces
-    def _encode(self, model, twin, rows: TextRows) -> _Encoded:
-        embeds = model.encode_text(rows.input_ids, rows.attention_mask)  # [N, T, D]
-        feat_m = None
-        if twin is not None:
-            with torch.no_grad():
-                feat_m = twin.text_features(twin.encode_text(rows.input_ids, rows.attention_mask))
-        return _Encoded(rows, embeds, model.text_features(embeds), feat_m,
-                        text_keys(rows.input_ids, rows.attention_mask))
-
-    def _itc(self, img, texts: _Encoded, image_ids, temp, alpha) -> Tensor:
-        image_feat, image_feat_m = img
-        return self.itc(image_feat, texts.feat, image_ids, texts.rows.image_index, texts.keys, temp,
-                        image_feat_m=image_feat_m, text_feat_m=texts.feat_m, alpha=alpha)
-
-    def _itm_block(self, image_embeds, image_feat, texts: _Encoded, image_ids, temp) -> ItmBlock:
-        dev = image_embeds.device
-        return itm_block(
-            image_embeds, texts.rows,
-            text_embeds=texts.embeds, text_feat=texts.feat, image_feat=image_feat, image_ids=image_ids,
-            keys=texts.keys, temp=temp,
-            u_text=self._uniform(len(texts.rows), device=dev),
-            u_image=self._uniform(image_embeds.shape[0], device=dev),
-            hard=self.config.itm_hard_negatives, group_size=self.config.itm_group_size,
-        )
-
-    def _language(self, model, twin, kinds: list[TextRows], image_embeds, image_embeds_m, alpha) -> list[Tensor]:
-        """One term per kind: masked LM with distillation for a `MaskedLanguageModel` (ALBEF;
-        one pass per kind), captioning LM for a `CaptioningModel` (BLIP with its decoder), else 0."""
-        if not isinstance(model, MaskedLanguageModel):
-            if isinstance(model, CaptioningModel):
-                return [model.lm_loss(rows, image_embeds) for rows in kinds]
-            return [image_embeds.new_zeros(()) for _ in kinds]
-        tok = model.mask_tokens
-        masked, labels = [], []
-        for rows in kinds:
-            u = self._uniform(len(rows), 3, rows.input_ids.shape[1], device=image_embeds.device).transpose(0, 1)
-            ids, lab = mask_tokens(
-                rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
-                never_mask=tok.never_mask, probability=self.config.mlm_probability,
-            )
-            masked.append(TextRows(ids, rows.attention_mask, rows.image_index))
-            labels.append(lab)
-        out = []
-        for rows, lab in zip(masked, labels):  # each kind at its own padded length
-            chosen = lab != -100  # [n, T]: the vocab-wide head runs on these tokens only (~15 %)
-            args = (rows.input_ids, rows.attention_mask)
-            logits = model.mlm_logits(*args, image_embeds, rows.image_index, positions=chosen)  # [K, V]
-            logits_m = None
-            if isinstance(twin, MaskedLanguageModel) and alpha > 0:
-                with torch.no_grad():
-                    logits_m = twin.mlm_logits(*args, image_embeds_m, rows.image_index, positions=chosen)
-            out.append(mlm_loss(logits, lab[chosen], logits_m, alpha))
-        return out
-
-    def _addition(self, model, image_embeds, batch: HistBatch) -> Tensor:
-        n = len(batch.pair_first)
-        if n == 0:  # still join global_mean's all-reduce: other ranks may have pairs
-            return global_mean(image_embeds.new_zeros(0))
-        rows = cat_rows(batch.pair_first, batch.pair_second, batch.composites)
-        maps = gradcam_maps(
-            model, image_embeds, rows, layers=self.capture_layers, head=self.config.capture_head,
-            combine=self.config.capture_combine, recipe="train", create_graph=True,
-        )  # [3n, gh, gw]
-        return addition_loss(*maps.split(n), normalize=self.config.add_normalize)
-
-    # ---------------------------------------------------------------- forward
-    def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
-        cfg = self.config
-        w = hist_weight(cfg.schedule, progress, cfg.paper_ramp_epochs)
-        twin = model.momentum_twin()
-        alpha = cfg.alpha * min(1.0, max(0.0, progress)) if twin is not None else 0.0
-        if twin is not None:
-            model.update_momentum(cfg.momentum)
-        temp = self._temperature(model)
-
         image_embeds = model.encode_image(batch.pixel_values)  # [B, 1+P, Dv], once per image
-        img = (model.image_features(image_embeds), None)
-        image_embeds_m = None
+        image_feat = model.image_features(image_embeds)        # [B, E] (or [B, K, E])
+        image_embeds_m = image_feat_m = None
         if twin is not None:
             with torch.no_grad():
                 image_embeds_m = twin.encode_image(batch.pixel_values)
-                img = (img[0], twin.image_features(image_embeds_m))
+                image_feat_m = twin.image_features(image_embeds_m)
+        return Step(model, twin, batch, temp, alpha, image_embeds, image_embeds_m, image_feat, image_feat_m,
+                    self._encode_texts(model, twin, batch, kinds), self._uniform)
 
-        kinds = [batch.captions] + ([batch.phrases, batch.subjects] if w > 0 else [])
-        encoded = self._encode_all(model, twin, kinds)
-        caps = encoded[0]
-        ids = batch.image_ids
-        zero = image_embeds.new_zeros(())
-        out: dict[str, Tensor] = {"itc": self._itc(img, caps, ids, temp, alpha)}
-        if w > 0:
-            phr, sub = encoded[1], encoded[2]
-            out["phrase_itc"] = self._itc(img, phr, ids, temp, alpha)
-            out["subject_itc"] = self._itc(img, sub, ids, temp, alpha)
-        # one fusion pass for every ITM term, one MLM pass for every MLM term
-        itm = itm_losses(model, image_embeds, [self._itm_block(image_embeds, img[0], e, ids, temp) for e in encoded])
-        lm = [zero, zero]
-        if cfg.mlm_weight > 0:
-            lm = self._language(model, twin, [e.rows for e in encoded[:2]], image_embeds, image_embeds_m, alpha)
-        out["itm"], out["mlm"] = itm[0], lm[0]
-        total = out["itc"] + out["itm"] + cfg.mlm_weight * out["mlm"]
-        if w > 0:
-            out["phrase_itm"], out["subject_itm"], out["phrase_mlm"] = itm[1], itm[2], lm[1]
-            out["add"] = self._addition(model, image_embeds, batch)
-            hist = (
-                cfg.lambda_phrase * (out["phrase_itc"] + out["phrase_itm"] + cfg.mlm_weight * out["phrase_mlm"])
-                + cfg.lambda_subject * (out["subject_itc"] + out["subject_itm"])
-                + cfg.lambda_add * out["add"]
-            )
+    def _encode_texts(
+        self, model: VisionLanguageBackbone, twin: MomentumTwin | None, batch: HistBatch, kinds: list[str],
+    ) -> dict[str, EncodedText]:
+        """Every kind through the text encoder at its own padded length (a subject is ~3
+        tokens, a caption ~25: one call padded to the longest mostly encoded padding)."""
+        return {k: EncodedText.encode(model, twin, getattr(batch, k)) for k in kinds}
+
+    def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
+        cfg = self.config
+        w = hist_weight(cfg.schedule, progress, cfg.paper_ramp_epochs)
+        on = self.terms if w > 0 else []  # "off" (w = 0): the HIST terms are not computed at all
+        text_terms = [self.vl] + [t for _, _, t in on if isinstance(t, TextTerm)]
+        step = self._step(model, batch, progress, list(dict.fromkeys(t.kind for t in text_terms)))
+        for part, vl_term in self.vl_terms.items():  # ITC, ITM, LM, each over every kind that needs it
+            needed = list(dict.fromkeys(t.kind for t in text_terms if part in t.needs()))  # each kind once
+            if needed:
+                step.vl_losses.update(zip([(k, part) for k in needed], vl_term(step, needed)))
+        total, out = self.vl(step)
+        hist = None
+        for _, lam, term in on:
+            value, logged = term(step)
+            out.update(logged)
+            hist = lam * value if hist is None else hist + lam * value
+        if hist is not None:
             total = total + w * hist
-        for key in ("phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add"):
-            out.setdefault(key, zero)
-        # after every ITC term of this step has read the queue
-        self.itc.enqueue(img[1], caps.feat_m, batch.image_ids, caps.rows.image_index)
+        zero = step.image_embeds.new_zeros(())
+        for term in [self.vl] + [t for _, _, t in self.terms]:
+            for key in term.names:
+                out.setdefault(key, zero)
+        caps = step.texts[self.vl.kind]  # after every ITC term of this step has read the queue
+        self.itc.enqueue(step.image_feat_m, caps.feat_m, batch.image_ids, caps.rows.image_index)
         out["loss"] = total
         out["hist_weight"] = torch.tensor(w)
-        out["temp"] = temp.detach()
+        out["temp"] = step.temp.detach()
         return out
-
-    def _encode_all(self, model, twin, kinds: list[TextRows]) -> list[_Encoded]:
-        """Every kind of text through the text encoder at its own padded length (a subject is
-        ~3 tokens, a caption ~25: one call padded to the longest mostly encoded padding)."""
-        return [self._encode(model, twin, rows) for rows in kinds]
