@@ -41,8 +41,9 @@ def test_typed_members_agree_with_the_computation(name):
         layers = tuple(range(model.num_cross_attention_layers))
         fused = model.fuse_rows(TextRows(ids, mask, torch.tensor([1, 0])), img, text_embeds=text, capture_layer=layers)
     assert len(fused.cross_attentions) == model.num_cross_attention_layers
-    for probs in fused.cross_attentions:  # [N, heads, T, image tokens]: the grid is the last P of them
-        assert probs.shape[:3] == (2, model.num_cross_attention_heads, ids.shape[1])
+    tokens = ids.shape[1] if fused.capture_mask is None else fused.capture_mask.shape[1]  # the text, or its own
+    for probs in fused.cross_attentions:  # [N, heads, S, image tokens]: the grid is the last P of them
+        assert probs.shape[:3] == (2, model.num_cross_attention_heads, tokens)
         assert probs.shape[-1] >= gh * gw
     assert model.itm_logits(fused).shape == (2, 2)
     assert model.default_capture_layers and all(0 <= x < len(layers) for x in model.default_capture_layers)

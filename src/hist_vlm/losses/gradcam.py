@@ -55,17 +55,18 @@ def _layer_cams(
     layers: Sequence[int],
     create_graph: bool,
     text_embeds: Tensor | None,
-) -> list[Tensor]:
-    """ReLU(A * dA) of every layer in `layers` (repeats allowed): one [N, heads, T, P] per
-    entry, image-CLS column dropped. ONE fusion pass captures all the distinct layers and ONE
-    `autograd.grad` call gives every capture's gradient."""
+) -> tuple[list[Tensor], Tensor]:
+    """(ReLU(A * dA) of every layer in `layers` (repeats allowed): one [N, heads, S, P] per
+    entry, image-CLS column dropped; the [N, S] mask of the tokens they average over). ONE
+    fusion pass captures all the distinct layers and ONE `autograd.grad` call gives every
+    capture's gradient. S is the rows' text, or the tokens the backbone's `capture_mask` names."""
     distinct = tuple(dict.fromkeys(int(x) for x in layers))
     # fused SDPA kernels (cuDNN, flash, mem-efficient) have no double backward: a
     # create_graph pass must record the attention layers above the capture as plain math
     math_sdpa = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
     with torch.enable_grad(), math_sdpa:
         fused = model.fuse_rows(rows, image_embeds, text_embeds=text_embeds, capture_layer=distinct)
-        attns = fused.cross_attentions  # per distinct layer [N, heads, T, 1+P]
+        attns = fused.cross_attentions  # per distinct layer [N, heads, S, 1+P]
         if len(attns) != len(distinct) or not all(a.requires_grad for a in attns):
             raise RuntimeError(
                 "cross-attention was not captured in the autograd graph; GradCAM needs the model "
@@ -73,8 +74,9 @@ def _layer_cams(
             )
         match = model.itm_logits(fused)[:, 1].sum()  # rows are independent: one scalar serves all
         grads = torch.autograd.grad(match, attns, create_graph=create_graph)
-    cams = {x: (a * g).clamp(min=0)[..., 1:] for x, a, g in zip(distinct, attns, grads)}  # [N, heads, T, P]
-    return [cams[int(x)] for x in layers]
+    cams = {x: (a * g).clamp(min=0)[..., 1:] for x, a, g in zip(distinct, attns, grads)}  # [N, heads, S, P]
+    mask = rows.attention_mask if fused.capture_mask is None else fused.capture_mask
+    return [cams[int(x)] for x in layers], mask
 
 
 def _check(layers: Sequence[int], recipe: str) -> None:
@@ -113,13 +115,13 @@ def gradcam_maps(
     if combine not in COMBINES:
         raise ValueError(f"unknown map combination {combine!r} (choose from {COMBINES})")
     gh, gw = model.patch_grid
-    cams = _layer_cams(model, image_embeds, rows, layers, create_graph, text_embeds)
+    cams, token_mask = _layer_cams(model, image_embeds, rows, layers, create_graph, text_embeds)
     if head is not None and not 0 <= head < cams[0].shape[1]:
         raise ValueError(f"head {head} out of range: the cross-attention has {cams[0].shape[1]} heads")
     per_layer = []
     for cam in cams:
         cam = cam.mean(1) if head is None else cam[:, head]  # [N, T, P]
-        per_layer.append(_token_mean(cam, rows.attention_mask, recipe))  # [N, P]
+        per_layer.append(_token_mean(cam, token_mask, recipe))  # [N, P]
     stacked = torch.stack(per_layer)  # [L, N, P]
     maps = stacked.mean(0) if combine == "mean" else stacked.prod(0)
     maps = maps.reshape(len(rows), gh, gw)
@@ -144,8 +146,8 @@ def gradcam_head_maps(
     layer/head sweep (hist_vlm.eval.sweep) derives from one pass."""
     _check(layers, recipe)
     gh, gw = model.patch_grid
-    cams = torch.stack(_layer_cams(model, image_embeds, rows, layers, create_graph, text_embeds), 1)
-    maps = _token_mean(cams, rows.attention_mask, recipe)  # [N, L, heads, T, P] -> [N, L, heads, P]
+    cams, token_mask = _layer_cams(model, image_embeds, rows, layers, create_graph, text_embeds)
+    maps = _token_mean(torch.stack(cams, 1), token_mask, recipe)  # [N, L, heads, S, P] -> [N, L, heads, P]
     maps = maps.view(*maps.shape[:3], gh, gw)  # [N, L, heads, gh, gw]
     return maps if create_graph else maps.detach()
 

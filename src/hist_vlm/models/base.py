@@ -22,14 +22,21 @@ from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE
 
 @dataclass
 class FusionOutput:
-    """Output of the image-grounded (fusion) text encoder."""
+    """Output of the image-grounded (fusion) text encoder.
 
-    last_hidden_state: Tensor        # [N, T, D]
-    cross_attention: Tensor | None   # [N, heads, T, 1+P] softmax probabilities of the captured
+    The captured cross-attention's token axis (S) is the text rows' tokens for ALBEF and BLIP
+    (S = T, masked by `rows.attention_mask`); a backbone whose image is read by other tokens
+    names them with `capture_mask` (BLIP-2: its Q query tokens, all valid), and GradCAM
+    averages over those instead."""
+
+    last_hidden_state: Tensor        # [N, T', D] (T' = T, or Q + T for BLIP-2: queries first)
+    cross_attention: Tensor | None   # [N, heads, S, 1+P] softmax probabilities of the captured
                                      # layer, pre-dropout, still in the autograd graph
     #: every captured layer's probabilities, in the order `capture_layer` named them (one
     #: fusion pass can capture several layers: GradCAM's layer combinations, the layer sweep)
     cross_attentions: tuple[Tensor, ...] = ()
+    #: [N, S] 1 = a token whose cross-attention counts; None: the rows' own attention_mask
+    capture_mask: Tensor | None = None
 
 
 def capture_layers(capture_layer: int | Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
@@ -46,11 +53,12 @@ def capture_layers(capture_layer: int | Sequence[int] | None, n_layers: int) -> 
 
 
 def captured_output(
-    capture_layer: int | Sequence[int] | None, last_hidden_state: Tensor, probs: Sequence[Tensor]
+    capture_layer: int | Sequence[int] | None, last_hidden_state: Tensor, probs: Sequence[Tensor],
+    capture_mask: Tensor | None = None,
 ) -> FusionOutput:
     """The FusionOutput of a pass that captured `probs` (in `capture_layer`'s order)."""
     single = probs[0] if isinstance(capture_layer, int) else None
-    return FusionOutput(last_hidden_state, single, tuple(probs))
+    return FusionOutput(last_hidden_state, single, tuple(probs), capture_mask)
 
 
 class MomentumTwin(nn.Module, abc.ABC):
@@ -166,7 +174,8 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         it; a backbone whose fusion re-reads the tokens, BLIP, ignores it). With
         `capture_layer` (0-based among cross-attention layers) the softmax probabilities of
         that layer are returned in the graph, for GradCAM; a sequence of distinct layers
-        captures each of them in `cross_attentions` (`cross_attention` is None).
+        captures each of them in `cross_attentions` (`cross_attention` is None). Their token
+        axis is the rows' text unless `capture_mask` names other tokens (FusionOutput).
         """
 
     @abc.abstractmethod

@@ -26,23 +26,10 @@ QUERIES' cross-attention A [N, heads, Q, 1+P] (softmax, pre-dropout) of the capt
 
     G = mean over heads and queries of ReLU(A_q * d s / d A_q),   s = the match logit.
 
-The protocol's GradCAM (`losses.gradcam._layer_cams`) computes ReLU(C * ds/dC) on the captured
-tensor C, which must be [N, heads, T, 1+P] with T the TEXT length (it then averages over the rows'
-text tokens). A query axis cannot be put there, and no tensor whose gradient is the true ds/dC
-can give a mean of per-query ReLUs (a gradient is linear in ds/dA; the ReLU is not). So
-`fuse_rows` returns C = the query mean of A, broadcast to every text position, and joins it to
-the graph through `_QueryGradcam`, an autograd node placed where A is used:
-  forward   A unchanged (the pass computes what it computes without a capture, up to the
-            rounding of eager attention against transformers' SDPA in that one layer),
-  backward  A receives ds/dA unchanged (every parameter's gradient is the model's own), and C
-            receives mean_q ReLU(A_q * ds/dA_q) / C, so that C * grad = mean_q ReLU(A_q * ds/dA_q)
-            at every text position; written with differentiable ops, so `create_graph=True`
-            (the addition loss) differentiates the map itself, second order included.
-C is a view of a detached leaf: the node adds no path from s to any parameter. Every text
-position then holds the same per-head map, so the "train" token mean (valid tokens) IS the
-definition and "reference" (padded length) scales it by n_valid / T, as for every backbone. The catch: the
-gradient that autograd reports for C is this constructed quantity, not a derivative (the
-protocol has no way to name a token axis other than the text's; docs/blip2.md).
+`fuse_rows` returns A itself as the capture, with `FusionOutput.capture_mask` = ones [N, Q]: the
+shared GradCAM (`losses.gradcam`) then averages over the queries instead of the text tokens, so
+the map is exactly this definition, its gradient the true one (second order included), and the
+"train" and "reference" recipes agree (every query is valid).
 
 Left out: the momentum twin (BLIP-2 has none), MLM (none), and BLIP-2's image-grounded text
 generation loss (ITG) with its causal Q-Former pass: optional in HIST, not implemented, so this
@@ -134,28 +121,10 @@ def _load_transformers(path: Path, params: dict, image_size: int | None, verbose
     return Blip2Backbone.from_transformers(path, **params).eval()
 
 
-class _QueryGradcam(torch.autograd.Function):
-    """Identity on the queries' attention `probs` [N, H, Q, K] that hands the capture tensor
-    `capture` [N, H, T, K] (their query mean, broadcast over the text) the gradient
-    mean_q ReLU(A_q * dA_q) / capture: GradCAM's ReLU(capture * grad) is then the query mean of
-    the per-query GradCAM (module docstring). Differentiable backward: double backward works."""
-
-    @staticmethod
-    def forward(ctx, probs: Tensor, capture: Tensor) -> Tensor:
-        ctx.save_for_backward(probs, capture)
-        return probs.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        probs, capture = ctx.saved_tensors
-        cam = (probs * grad).clamp(min=0).mean(2, keepdim=True)  # [N, H, 1, K]
-        return grad, cam / capture.clamp(min=torch.finfo(capture.dtype).tiny)
-
-
-def _capturing_forward(module: nn.Module, text_length: int, store: list[Tensor]):
+def _capturing_forward(module: nn.Module, store: list[Tensor]):
     """A replacement `forward` for one Q-Former cross-attention (`Blip2QFormerMultiHeadAttention`):
-    the eager computation of `transformers`' own, with the softmax probabilities routed through
-    `_QueryGradcam` and the capture tensor appended to `store` (the first call only)."""
+    the eager computation of `transformers`' own (its SDPA path returns no probabilities), the
+    softmax probabilities appended to `store` (the first call only)."""
 
     def forward(hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 **kwargs):
@@ -169,13 +138,10 @@ def _capturing_forward(module: nn.Module, text_length: int, store: list[Tensor])
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
                 else scores + mask
-        probs = scores.softmax(-1)
-        base = probs.detach().mean(2, keepdim=True).requires_grad_(torch.is_grad_enabled())  # [N, H, 1, K]
-        capture = base.expand(n, heads, text_length, probs.shape[-1])                       # [N, H, T, K]
+        probs = scores.softmax(-1)  # [N, H, Q, K]
         if not store:  # recomputation (gradient checkpointing) would call again
-            store.append(capture)
-        used = _QueryGradcam.apply(probs, capture)
-        used = F.dropout(used, p=module.attention_dropout, training=module.training)
+            store.append(probs)
+        used = F.dropout(probs, p=module.attention_dropout, training=module.training)
         out = (used @ value).transpose(1, 2).reshape(n, q_len, heads * width)
         return out, probs
 
@@ -349,8 +315,8 @@ class Blip2Backbone(VisionLanguageBackbone):
         capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
         """ITM pass of [queries ; text] against image_embeds[rows.image_index]; `text_embeds` is
-        not needed. A captured layer gives the queries' GradCAM capture (module docstring):
-        [N, heads, T, 1+P], the query mean of the probabilities at every text position."""
+        not needed. A captured layer gives the queries' cross-attention [N, heads, Q, 1+P], with
+        `capture_mask` naming the Q queries (module docstring)."""
         n, q_len = len(rows), self.num_query_tokens
         queries = self.retrieval.query_tokens.expand(n, -1, -1)
         embeds = self.retrieval.embeddings(input_ids=rows.input_ids, query_embeds=queries)  # [N, Q+T, D]
@@ -363,7 +329,7 @@ class Blip2Backbone(VisionLanguageBackbone):
             for layer, store in zip(layers, stores):
                 attn = self.retrieval.qformer.encoder.layer[self.cross_layers[layer]].crossattention.attention
                 patched.append((attn, attn.__dict__.get("forward")))
-                attn.forward = _capturing_forward(attn, rows.input_ids.shape[1], store)
+                attn.forward = _capturing_forward(attn, store)
             out = self.retrieval.qformer(query_embeds=embeds, query_length=q_len, attention_mask=mask,
                                          encoder_hidden_states=image, encoder_attention_mask=self._image_mask(image))
         finally:
@@ -372,7 +338,8 @@ class Blip2Backbone(VisionLanguageBackbone):
                     del attn.forward  # back to the class's forward
                 else:
                     attn.forward = before
-        return captured_output(capture_layer, out.last_hidden_state, [store[0] for store in stores])
+        return captured_output(capture_layer, out.last_hidden_state, [store[0] for store in stores],
+                               capture_mask=rows.attention_mask.new_ones(n, q_len))
 
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         head = self.retrieval.itm_head
