@@ -131,7 +131,8 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def default_capture_layers(self) -> tuple[int, ...]:
         """GradCAM layer(s) when none are configured, for training and evaluation alike. Each
-        must have layers above it (at the last one only [CLS] reaches the ITM head)."""
+        should have layers above it where the ITM head reads one token (ALBEF, BLIP: at the
+        last cross-attention layer only [CLS] reaches the head, so the map ignores the text)."""
 
     # ---------------------------------------------------------------- towers
     @abc.abstractmethod

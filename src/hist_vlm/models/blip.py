@@ -16,7 +16,6 @@ forward does not. We follow the original (id of "[ENC]" in the tokenizer, else b
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +41,7 @@ from hist_vlm.models.base import (
     captured_output,
     capture_layers,
 )
-from hist_vlm.models.registry import CONFIG_FILE, ForeignFormat, register
+from hist_vlm.models.registry import ForeignFormat, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
 
 #: BLIP's training text length (blip_retrieval / blip_pretrain)
@@ -80,13 +79,7 @@ def blip_config(size: str = "tiny", *, image_size: int | None = None) -> BlipCon
 
 def _is_transformers_blip(path: Path) -> bool:
     """A folder that transformers' `BlipForImageTextRetrieval.save_pretrained` wrote."""
-    cfg = path / CONFIG_FILE
-    if not (path.is_dir() and cfg.is_file()):
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "blip"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    return transformers_model_type(path) == "blip"
 
 
 def _load_transformers(path: Path, params: dict, image_size: int | None, verbose: bool) -> "BlipBackbone":

@@ -42,7 +42,6 @@ captions cleaned as LAVIS' `blip_caption` processor does.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,7 +60,7 @@ from transformers import (
 
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import FusionOutput, VisionLanguageBackbone, captured_output, capture_layers
-from hist_vlm.models.registry import CONFIG_FILE, ForeignFormat, register
+from hist_vlm.models.registry import CONFIG_FILE, ForeignFormat, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
 
 #: LAVIS `Blip2Qformer.max_txt_len` (pretraining and its COCO retrieval fine-tuning)
@@ -111,10 +110,7 @@ def blip2_config(size: str = "tiny", *, image_size: int | None = None) -> Blip2C
 def _is_transformers_blip2(path: Path) -> bool:
     """A folder that transformers' `save_pretrained` wrote for a BLIP-2 model (any head: loading
     then says when it is not the retrieval model)."""
-    try:
-        return json.loads((path / CONFIG_FILE).read_text()).get("model_type") == "blip-2"
-    except (OSError, ValueError, AttributeError):  # no such file, not JSON / UTF-8, not an object
-        return False
+    return transformers_model_type(path) == "blip-2"
 
 
 def _load_transformers(path: Path, params: dict, image_size: int | None, verbose: bool) -> "Blip2Backbone":

@@ -183,6 +183,17 @@ def saved_backbone_name(path: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def transformers_model_type(path: Path) -> str | None:
+    """The `model_type` of a folder that transformers' `save_pretrained` wrote, else None:
+    how a backbone built on transformers recognises its foreign format."""
+    try:
+        payload = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):  # no such file (or not a folder), not JSON / UTF-8
+        return None
+    value = payload.get("model_type") if isinstance(payload, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _format_of(path: Path) -> tuple[BackboneEntry, ForeignFormat | None]:
     """Which backbone (and which of its foreign formats, None = our own layout) `path` holds."""
     ours = saved_backbone_name(path) if path.is_dir() else None
