@@ -110,3 +110,20 @@ def test_gradient_accumulation_averages_micro_batches(world, tmp_path):
     assert plain[0]["lr"] == accum[0]["lr"] == 0.0
     for k in TERMS:
         assert accum[0][k] == pytest.approx((plain[0][k] + plain[1][k]) / 2, rel=1e-5, abs=1e-6), k
+
+
+def test_a_checkpoint_with_the_old_queue_keys_still_resumes_exactly(world, tmp_path):
+    """Checkpoints written before the ITC queue moved into ItcLoss name it `queue.*` (today
+    `itc.queue.*`): resume renames them and continues as from a new checkpoint."""
+    from safetensors.torch import save_file
+
+    train(config(world, tmp_path / "new", "run.max_steps=3"), progress=False)
+    train(config(world, tmp_path / "old", "run.max_steps=3"), progress=False)
+    loss_file = latest_checkpoint(tmp_path / "old") / "loss.safetensors"
+    state = load_file(str(loss_file))
+    assert any(k.startswith("itc.queue.") for k in state)
+    save_file({k.replace("itc.queue.", "queue.", 1): v for k, v in state.items()}, str(loss_file))
+    for run in ("new", "old"):
+        train(config(world, tmp_path / run, "run.max_steps=5"), resume=True, progress=False)
+    a, b = read_log(tmp_path / "new"), read_log(tmp_path / "old")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 5

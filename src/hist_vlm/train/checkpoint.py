@@ -85,6 +85,21 @@ def set_rng_state(state: dict[str, Any], module: nn.Module) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+#: loss-state keys of older checkpoints -> today's (the ITC queue moved into losses.itc.ItcLoss)
+_RENAMED_LOSS_KEYS = {"queue.": "itc.queue."}
+
+
+def _renamed(state: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """`state` with the keys of older checkpoints renamed to today's, where today's expects them."""
+    out = {}
+    for key, value in state.items():
+        for old, new in _RENAMED_LOSS_KEYS.items():
+            if key.startswith(old) and key not in expected and new + key[len(old):] in expected:
+                key = new + key[len(old):]
+        out[key] = value
+    return out
+
+
 def _loss_state(objective: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:
     """The loss module's state without the tensors it shares with the model (it may hold it)."""
     owned = {t.data_ptr() for t in model.state_dict().values()}
@@ -144,8 +159,8 @@ def load_checkpoint(
     """Restore every state in place; returns the data position and the per-rank RNG states."""
     path = Path(path)
     load_model(model, str(path / "model" / _WEIGHTS), strict=True)
-    loss_state = load_file(str(path / "loss.safetensors"))
     expected = _loss_state(objective, model).keys()
+    loss_state = _renamed(load_file(str(path / "loss.safetensors")), expected)
     if set(loss_state) != set(expected):
         raise ValueError(f"{path}: the loss state does not match this config's loss module")
     objective.load_state_dict(loss_state, strict=False)
