@@ -5,7 +5,7 @@ import math
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
-from hist_vlm.demo import ABLATION, METRICS, format_table
+from hist_vlm.demo import ABLATION, METRICS, format_table, layers_label
 
 
 
@@ -25,7 +25,14 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, monkeypatch):
         assert (weight == 0) if variant == "baseline" else (weight > 0)
         assert sum(1 for _ in (run / "eval_test.jsonl").open()) > 0
     metrics = json.loads((out / "results.json").read_text())
-    assert set(metrics) == {"base", "baseline", "hist"}
+    assert set(metrics) == {"base", "baseline", "hist", "eval_layers"}
+    # the evaluation's GradCAM layers: the base's best val pointing among every candidate
+    # (each of the 2 cross-attention layers, their mean), reported with the scores it chose by
+    chosen = metrics.pop("eval_layers")
+    scores = chosen["val_pointing"]
+    assert set(scores) == {"L0", "L1", "mean(L0, L1)"}
+    assert scores[layers_label(tuple(chosen["chosen"]))] == max(scores.values())
+    assert "evaluated at " + layers_label(tuple(chosen["chosen"])) in res.output
     for variant in ("baseline", "hist"):
         for key, _ in METRICS:
             assert len(metrics[variant][key]) == 1 and 0.0 <= metrics[variant][key][0] <= 1.0

@@ -9,6 +9,10 @@ has the same shape in the synthetic world:
   baseline  the base fine-tuned with ITC + ITM + MLM on captions (`loss.schedule=off`)
   HIST      the same fine-tuning plus the phrase, subject and addition losses
 
+Every model is evaluated with the same GradCAM layers, chosen before any fine-tuned model is
+seen: on the world's val split, by the base model alone (`choose_eval_layers`). Training keeps
+the preset's layer (`loss.capture_layers`): the addition loss trains through it.
+
 Every step is the real pipeline a user runs by hand: `generate_world` writes images and a
 captions JSONL, the caption reader + spaCy parser + Algorithm 1 (`hist-vlm parse`) turn it into
 phrases and pairs, `hist_vlm.train.train` fine-tunes from that file, and the grounding runner
@@ -57,16 +61,20 @@ class DemoSettings:
     out_dir: Path = Path("demo_out")
     seeds: tuple[int, ...] = (0, 1, 2)
     n_train: int = 2048
+    n_val: int = 128                   # where the base chooses the evaluation's GradCAM layers
     n_test: int = 640                  # 1,051 composite queries: a both-hit rate to about +-1 point
     image_size: int = 64
     world_seed: int = 0
     hist_schedule: str = "paper"
     variants: tuple[str, ...] = MAIN
+    #: "val": evaluate at the layers the base points best with on the val split; "train": at
+    #: the fine-tuning preset's `loss.capture_layers`
+    eval_layers: str = "val"
     overrides: list[str] = field(default_factory=list)   # extra key=value for every variant
 
     @classmethod
     def quick(cls, config: Path, out_dir: Path) -> "DemoSettings":
-        return cls(config=config, out_dir=out_dir, seeds=(0,), n_train=128, n_test=32,
+        return cls(config=config, out_dir=out_dir, seeds=(0,), n_train=128, n_val=16, n_test=32,
                    overrides=["schedule.epochs=2", "data.batch_size=16"])
 
 
@@ -75,6 +83,8 @@ class DemoResult:
     table: str                                  # the markdown table printed at the end
     metrics: dict[str, dict[str, list[float]]]  # variant -> metric -> one value per seed
     base_metrics: dict[str, float]              # the base model itself, not fine-tuned
+    eval_layers: tuple[int, ...]                # the GradCAM layers every model was evaluated at
+    val_pointing: dict[tuple[int, ...], float]  # the base's val pointing per candidate ({} with "train")
     figure: Path
 
 
@@ -85,11 +95,11 @@ def prepare_world(settings: DemoSettings) -> tuple[Path, Path]:
     world = settings.out_dir / "world"
     phrases = world / "phrases_train.jsonl"
     stamp = world / "demo_world.json"
-    want = {"n_train": settings.n_train, "n_test": settings.n_test,
+    want = {"n_train": settings.n_train, "n_val": settings.n_val, "n_test": settings.n_test,
             "image_size": settings.image_size, "seed": settings.world_seed}
     if phrases.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
         return phrases, world
-    generate_parsed_world(world, phrases, n_train=settings.n_train, n_val=0, n_test=settings.n_test,
+    generate_parsed_world(world, phrases, n_train=settings.n_train, n_val=settings.n_val, n_test=settings.n_test,
                           image_size=settings.image_size, seed=settings.world_seed)
     stamp.write_text(json.dumps(want))
     return phrases, world
@@ -162,14 +172,34 @@ def package_base(checkpoint: Path, out: Path, command: str) -> Path:
     return out
 
 
-def _evaluate(model, cfg, records, out: Path):
-    """(test-split summary, the GradcamMaps source) with the run's GradCAM layer/head."""
+def _evaluate(model, cfg, records, out: Path | None, layers: tuple[int, ...], combine: str = "mean",
+              split: str = "test"):
+    """(`split` summary, the GradcamMaps source) at GradCAM `layers`, the run's head."""
     from hist_vlm.eval.runner import GradcamMaps, evaluate
 
-    source = GradcamMaps(model, layers=cfg.loss.capture_layers, head=cfg.loss.capture_head,
-                         combine=cfg.loss.capture_combine)
+    source = GradcamMaps(model, layers=list(layers), head=cfg.loss.capture_head, combine=combine)
     report = evaluate(records, source, batch_size=64, progress=False, out=out)
-    return report.summary()["test"], source
+    return report.summary()[split], source
+
+
+def choose_eval_layers(base, cfg, val_records) -> tuple[tuple[int, ...], dict[tuple[int, ...], float]]:
+    """The GradCAM layers the demo evaluates every model with, and the base's val pointing of
+    each candidate: the training layers (`loss.capture_layers`), each cross-attention layer
+    alone, and the mean of all of their maps. The base's best val single-phrase pointing wins,
+    ties to the earlier. Chosen by the base alone, on val, before any fine-tuned model is
+    evaluated: one fixed rule for baseline and HIST (the paper chooses its layer too, Table 7).
+    Training stays at its own layer: the best layer to train the addition loss through (one
+    with layers above it) need not be the one whose map points best."""
+    n = base.num_cross_attention_layers
+    candidates = [tuple(cfg.loss.capture_layers), *((x,) for x in range(n)), tuple(range(n))]
+    scores = {}
+    for layers in dict.fromkeys(candidates):
+        scores[layers] = _evaluate(base, cfg, val_records, None, layers, "mean", "val")[0]["pointing"]
+    return max(scores, key=lambda k: scores[k]), scores
+
+
+def layers_label(layers: tuple[int, ...]) -> str:
+    return f"L{layers[0]}" if len(layers) == 1 else "mean(" + ", ".join(f"L{x}" for x in layers) + ")"
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:
@@ -186,8 +216,15 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     records = read_synthetic(world / "grounding.jsonl", splits=["test"])
     cfg0 = _train_config(settings, settings.variants[0], settings.seeds[0], phrases, world)
     tqdm.write(f"== base model ({settings.base})")
-    summary, base_source = _evaluate(load_backbone(settings.base), cfg0, records,
-                                     settings.out_dir / "base_eval_test.jsonl")
+    base = load_backbone(settings.base)
+    layers, combine, val_pointing = tuple(cfg0.loss.capture_layers), cfg0.loss.capture_combine, {}
+    if settings.eval_layers == "val":
+        val = read_synthetic(world / "grounding.jsonl", splits=["val"])
+        (layers, val_pointing), combine = choose_eval_layers(base, cfg0, val), "mean"
+        tqdm.write("   val pointing of the base: " + ", ".join(
+            f"{layers_label(k)} {100 * v:.1f}" for k, v in val_pointing.items()) + f" -> {layers_label(layers)}")
+    summary, base_source = _evaluate(base, cfg0, records, settings.out_dir / "base_eval_test.jsonl", layers,
+                                     combine)
     base_metrics = {key: summary[key] for key, _ in METRICS}
     metrics: dict[str, dict[str, list[float]]] = {v: {k: [] for k, _ in METRICS} for v in settings.variants}
     figure_maps: dict[str, object] = {"base": base_source}
@@ -195,7 +232,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         for variant in settings.variants:
             tqdm.write(f"== {VARIANTS[variant][0]}, seed {seed}")
             cfg = _train_config(settings, variant, seed, phrases, world)
-            summary, source = _evaluate(_train_and_load(cfg), cfg, records, Path(cfg.run.dir) / "eval_test.jsonl")
+            summary, source = _evaluate(_train_and_load(cfg), cfg, records, Path(cfg.run.dir) / "eval_test.jsonl",
+                                        layers, combine)
             for key, _ in METRICS:
                 metrics[variant][key].append(summary[key])
             if seed == settings.seeds[0]:
@@ -203,9 +241,17 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     figure = settings.out_dir / "heatmaps.png"
     _comparison_figure(records, figure_maps, figure)
     table = format_table(metrics, base_metrics, settings.variants)
+    table += (f"\n\nGradCAM: trained at {layers_label(tuple(cfg0.loss.capture_layers))}, "
+              f"evaluated at {layers_label(layers)}")
+    if val_pointing:
+        table += (f" (the base's best single-phrase pointing on {settings.n_val} val scenes: " + ", ".join(
+            f"{layers_label(k)} {100 * v:.1f}" for k, v in val_pointing.items()) + ")")
     (settings.out_dir / "results.md").write_text(table + "\n")
-    (settings.out_dir / "results.json").write_text(json.dumps({"base": base_metrics, **metrics}, indent=1))
-    return DemoResult(table, metrics, base_metrics, figure)
+    (settings.out_dir / "results.json").write_text(json.dumps({
+        "base": base_metrics, **metrics,
+        "eval_layers": {"chosen": list(layers), "val_pointing": {layers_label(k): v for k, v in val_pointing.items()}},
+    }, indent=1))
+    return DemoResult(table, metrics, base_metrics, figure, layers, val_pointing)
 
 
 def _cell(values: list[float]) -> str:

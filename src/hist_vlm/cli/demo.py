@@ -21,6 +21,7 @@ def demo(
     ablation: bool = typer.Option(False, "--ablation", help="The paper's Table 6: baseline, + phrase, + addition, + subject."),
     base: Optional[Path] = typer.Option(None, "--base", help="Pretrained base to fine-tune (default: the shipped demo_base)."),
     pretrain: bool = typer.Option(False, "--pretrain", help="Rebuild the base first (demo_pretrain preset, ~15 min), then fine-tune it."),
+    eval_layers: str = typer.Option("val", "--eval-layers", help="GradCAM layers of the evaluation: val (the base's best on the val split) or train (the preset's loss.capture_layers)."),
     override: list[str] = typer.Option([], "--set", help="Extra key=value for every fine-tuning (repeatable)."),
 ) -> None:
     """Fine-tune the pretrained tiny base with and without HIST on synthetic scenes, evaluate
@@ -35,12 +36,15 @@ def demo(
         raise typer.BadParameter(str(e)) from None
     if schedule not in ("paper", "constant"):
         raise typer.BadParameter(f"--hist-schedule must be paper or constant, got {schedule!r}")
+    if eval_layers not in ("val", "train"):
+        raise typer.BadParameter(f"--eval-layers must be val or train, got {eval_layers!r}")
     if pretrain and base is not None:
         raise typer.BadParameter("--pretrain builds the base itself: drop --base")
     settings = DemoSettings.quick(config, out) if quick else DemoSettings(config=config, out_dir=out)
     if seeds is not None:
         settings.seeds = tuple(range(seeds))
     settings.hist_schedule = schedule
+    settings.eval_layers = eval_layers
     settings.overrides += override
     if ablation:
         settings.variants = ABLATION
