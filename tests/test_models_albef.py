@@ -245,3 +245,36 @@ def test_fan_in_init_scales_every_linear_and_separates_texts():
     assert text_cosine(bert) > 0.999 and text_cosine(fan_in) < 0.8
     with pytest.raises(ValueError, match="unknown init"):
         AlbefConfig(**TINY, init="xavier")
+
+
+def test_conv_stem_keeps_the_token_grid_and_each_sample_its_own_tokens(tmp_path):
+    """patch_embed="conv": a stride-2 convolution stem (timm ConvStem + HybridEmbed) gives the
+    same patch grid as patchify, sees across patch borders, and (LayerNorm, no BatchNorm) a
+    sample's tokens do not depend on the batch it is in; it saves and loads like any model."""
+    from hist_vlm.models import load_backbone
+
+    conv = tiny(patch_embed="conv").eval()
+    stem = conv.visual_encoder.patch_embed.backbone                  # 3 convs: stride 8 = patch_size
+    assert [m.stride for m in stem.modules() if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3
+    assert conv.patch_grid == tiny().patch_grid == (4, 4)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = conv.encode_image(images)                           # [3, 1 + 16, 32]
+        assert tokens.shape == (3, 17, 32)
+        conv.train()                                                 # BatchNorm would differ here
+        torch.testing.assert_close(conv.encode_image(images[1:2]), conv.encode_image(images)[1:2])
+        conv.eval()
+        # a pixel changes the token of its own patch and of a neighbour (overlapping fields)
+        nudged = images.clone()
+        nudged[0, :, 7, 7] += 10.0                                   # last pixel of patch (0, 0)
+        moved = (conv.visual_encoder.patch_embed(nudged) - conv.visual_encoder.patch_embed(images))
+        assert moved[0].abs().sum(-1).view(4, 4)[0, 1] > 0           # patch (0, 1) sees it too
+    conv.save_pretrained(tmp_path / "conv")
+    loaded = load_backbone(tmp_path / "conv").eval()
+    assert loaded.config.patch_embed == "conv"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), tokens)
+    with pytest.raises(ValueError, match="power-of-2 patch_size"):
+        AlbefConfig(**{**TINY, "image_size": 36, "patch_size": 6, "patch_embed": "conv"})
+    with pytest.raises(ValueError, match="unknown patch_embed"):
+        AlbefConfig(**TINY, patch_embed="resnet")

@@ -19,7 +19,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import HybridEmbed, LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import (
@@ -59,6 +61,7 @@ _ALIASES = {
 
 
 INITS = ("bert", "fan_in")
+PATCH_EMBEDS = ("linear", "conv")
 VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) travels with it
 
 
@@ -72,6 +75,12 @@ class AlbefConfig:
     vision_depth: int = 12
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
+    #: how pixels become patch tokens: "linear" = ViT's patchify (one patch_size x patch_size
+    #: convolution, ALBEF's); "conv" = log2(patch_size) 3x3 stride-2 convolutions (timm's
+    #: ConvStem + HybridEmbed, Xiao et al. 2021), whose overlapping receptive fields see an object
+    #: that falls across a patch border; LayerNorm, not BatchNorm, so a sample's tokens never
+    #: depend on its batch (GradCAM batching and DDP stay exact)
+    patch_embed: str = "linear"
     text_width: int = 768
     text_layers: int = 12
     text_heads: int = 12
@@ -103,6 +112,10 @@ class AlbefConfig:
             raise ValueError(f"fusion_layer must be in [0, {self.text_layers}), got {self.fusion_layer}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r} (choose from {INITS})")
+        if self.patch_embed not in PATCH_EMBEDS:
+            raise ValueError(f"unknown patch_embed {self.patch_embed!r} (choose from {PATCH_EMBEDS})")
+        if self.patch_embed == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"patch_embed conv needs a power-of-2 patch_size (stride-2 convolutions), got {self.patch_size}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlbefConfig":
@@ -152,10 +165,16 @@ SMALL = dict(
 
 
 def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
-    """timm ViT with a class token, no head, LayerNorm eps 1e-6, exact GELU: ALBEF's key layout."""
+    """timm ViT with a class token, no head, LayerNorm eps 1e-6, exact GELU: ALBEF's key layout
+    (with `patch_embed="conv"` the patch embedding is a convolutional stem, same token grid)."""
+    embed = dict(patch_size=cfg.patch_size)
+    if cfg.patch_embed == "conv":
+        depth = cfg.patch_size.bit_length() - 1                    # stride 2 ** depth = patch_size
+        stem = ConvStem(in_chans=3, depth=depth, channels=cfg.vision_width, stride=(2,) * depth,
+                        kernel_size=3, norm_layer=LayerNorm2d, act_layer=nn.GELU)
+        embed = dict(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem, proj=False))
     return VisionTransformer(
         img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
         embed_dim=cfg.vision_width,
         depth=cfg.vision_depth,
         num_heads=cfg.vision_heads,
@@ -166,6 +185,7 @@ def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
         class_token=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         act_layer=nn.GELU,
+        **embed,
     )
 
 
