@@ -38,6 +38,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, monkeypatch):
             assert len(metrics[variant][key]) == 1 and 0.0 <= metrics[variant][key][0] <= 1.0
     assert "| single-phrase pointing |" in res.output
     assert (out / "heatmaps.png").stat().st_size > 10_000
+    assert f"heatmaps: {out / 'heatmaps.png'}" in res.output
 
 
 def test_missing_config_is_a_one_line_error(tmp_path):

@@ -251,7 +251,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         "base": base_metrics, **metrics,
         "eval_layers": {"chosen": list(layers), "val_pointing": {layers_label(k): v for k, v in val_pointing.items()}},
     }, indent=1))
-    return DemoResult(table, metrics, base_metrics, figure, layers, val_pointing)
+    return DemoResult(table=table, metrics=metrics, base_metrics=base_metrics, eval_layers=layers,
+                      val_pointing=val_pointing, figure=figure)
 
 
 def _cell(values: list[float]) -> str:
