@@ -79,7 +79,8 @@ class AlbefConfig:
     #: convolution, ALBEF's); "conv" = log2(patch_size) 3x3 stride-2 convolutions (timm's
     #: ConvStem + HybridEmbed, Xiao et al. 2021), whose overlapping receptive fields see an object
     #: that falls across a patch border; LayerNorm, not BatchNorm, so a sample's tokens never
-    #: depend on its batch (GradCAM batching and DDP stay exact)
+    #: depend on its batch (GradCAM batching and DDP stay exact). Measured for the demo base,
+    #: it points far worse than patchify (README, "The demo's base model")
     patch_embed: str = "linear"
     text_width: int = 768
     text_layers: int = 12
