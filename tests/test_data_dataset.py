@@ -44,8 +44,15 @@ def test_reader_drops_images_without_phrases_and_names_bad_lines(tmp_path):
 def test_samples_are_a_function_of_seed_epoch_index(tmp_path):
     path, root = write_world(tmp_path, n_images=6)
     ds = HistDataset(read_parse_output(path)[0], root, 32, seed=3)
-    a, b = ds[(0, 4)], ds[(0, 4)]
+    torch.manual_seed(1)
+    a = ds[(0, 4)]
+    state = torch.get_rng_state()
+    torch.manual_seed(2)  # the global generator's state does not reach the draw ...
+    b = ds[(0, 4)]
     assert torch.equal(a.pixel_values, b.pixel_values) and a.caption == b.caption
+    torch.set_rng_state(state)
+    ds[(0, 5)]            # ... and a draw leaves it where it was (training's dropout reads it)
+    assert torch.equal(torch.get_rng_state(), state)
     assert a.pixel_values.shape == (3, 32, 32)
     other_epochs = [ds[(e, 4)].pixel_values for e in range(1, 4)]
     assert not all(torch.equal(a.pixel_values, p) for p in other_epochs)

@@ -153,9 +153,15 @@ class HistDataset(Dataset):
                 image = v2.functional.to_image(im.convert("RGB"))  # [3, H, W] uint8
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(crop_seed)
+        # The crop draws from the global CPU generator: seed it alone and restore it after.
+        # (`torch.manual_seed` would also queue a CUDA seed with a captured stack trace on a
+        # CUDA build, which cost about a third of the demo's data loading.)
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(crop_seed)
+        try:
             image = self.crop(image)
+        finally:
+            torch.set_rng_state(state)
         if flip:
             image = v2.functional.horizontal_flip(image)
         return self.finish(image)
