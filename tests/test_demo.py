@@ -84,3 +84,61 @@ def test_a_folder_without_a_model_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--quick", "--base", str(tmp_path), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert res.output.count("\n") == 1 and "no pretrained model there" in res.output
+
+
+def _tiny_runs(tmp_path, names_and_seeds, *extra):
+    from hist_vlm.train.config import load_config
+    from train_helpers import CONFIGS, tiny_overrides, write_world
+
+    world = write_world(tmp_path / "world", n_images=8)
+    return {name: load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(*world, tmp_path / name, f"run.seed={seed}",
+                                                                         "run.max_steps=3", *extra))
+            for name, seed in names_and_seeds}
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    from hist_vlm.train.checkpoint import latest_checkpoint
+
+    return load_file(latest_checkpoint(run_dir) / "model" / "model.safetensors")
+
+
+def test_parallel_runs_train_each_config_exactly_and_reuse_finished_ones(tmp_path, capsys):
+    import torch
+
+    from hist_vlm.demo import train_runs
+    from hist_vlm.train.loop import train
+
+    runs = _tiny_runs(tmp_path, [("a", 0), ("b", 1), ("ref", 1)])
+    ref = runs.pop("ref")
+    train_runs(runs, jobs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the 2 workers had on a machine of at most 2 cores
+    try:
+        train(ref, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    a, b, alone = (_weights(runs["a"].run.dir), _weights(runs["b"].run.dir), _weights(ref.run.dir))
+    if len(__import__("os").sched_getaffinity(0)) <= 2:
+        assert all(torch.equal(b[k], alone[k]) for k in b)  # one thread per run: bit for bit
+    assert all(torch.allclose(b[k], alone[k], atol=1e-5) for k in b)
+    assert not all(torch.equal(a[k], b[k]) for k in a)      # each worker ran its own config
+    assert "step 3 |" in (tmp_path / "b" / "stdout.txt").read_text()  # a worker's console lines, per run
+    stamp = (tmp_path / "a" / "finished.json").stat().st_mtime_ns
+    capsys.readouterr()
+    train_runs(runs, jobs=2)
+    assert (tmp_path / "a" / "finished.json").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out.count("finished before, reused") == 2
+
+
+def test_a_failing_parallel_run_raises_its_own_error_and_is_not_stamped(tmp_path):
+    import pytest
+
+    from hist_vlm.demo import train_runs
+    from hist_vlm.train.config import ConfigError
+
+    runs = _tiny_runs(tmp_path, [("bad", 0)], f"data.phrases={tmp_path / 'missing.jsonl'}")
+    with pytest.raises(ConfigError, match="data.phrases: file not found"):  # the CLI's one-line error
+        train_runs(runs, jobs=2)
+    assert not (tmp_path / "bad" / "finished.json").exists()

@@ -23,6 +23,7 @@ def demo(
     pretrain: bool = typer.Option(False, "--pretrain", help="Rebuild the base first (demo_pretrain preset, ~15 min), then fine-tune it."),
     eval_layers: str = typer.Option("val", "--eval-layers", help="GradCAM layers of the evaluation: val (the base's best on the val split) or train (the preset's loss.capture_layers)."),
     override: list[str] = typer.Option([], "--set", help="Extra key=value for every fine-tuning (repeatable)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Fine-tuning runs at a time, each in its own process (default: one per CPU core)."),
 ) -> None:
     """Fine-tune the pretrained tiny base with and without HIST on synthetic scenes, evaluate
     base and both fine-tunes, print a table (mean ± std over seeds, paired differences) and
@@ -46,6 +47,7 @@ def demo(
     settings.hist_schedule = schedule
     settings.eval_layers = eval_layers
     settings.overrides += override
+    settings.jobs = jobs
     if ablation:
         settings.variants = ABLATION
     try:

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -173,12 +173,16 @@ class _Log:
             self.writer.close()
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Run (or continue, with `resume`) the training described by `config`."""
+def train(
+    config: TrainConfig, *, resume: bool = False, progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Run (or continue, with `resume`) the training described by `config`. `on_step(step,
+    last_step)` is called after every optimizer step (a caller's own progress display)."""
     check_checkpoint_given(config.model)
     env = setup_environment(config.run.device)
     try:
-        return Trainer(config, env, resume, progress).run()
+        return Trainer(config, env, resume, progress, on_step).run()
     finally:
         if env.owns_process_group:
             dist.destroy_process_group()
@@ -243,12 +247,13 @@ class Trainer:
 
     The process group is `train()`'s (it tears it down whatever fails); the trainer only reads it."""
 
-    def __init__(self, cfg: TrainConfig, env: Environment, resume: bool, progress: bool) -> None:
+    def __init__(self, cfg: TrainConfig, env: Environment, resume: bool, progress: bool,
+                 on_step: Callable[[int, int], None] | None = None) -> None:
         """Setup: the run folder, the task's data, then seeded weights, objective, loader,
         optimizer and schedule."""
         if cfg.run.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"run.precision must be auto, bf16 or fp32, got {cfg.run.precision!r}")
-        self.cfg, self.env, self.resuming, self.progress = cfg, env, resume, progress
+        self.cfg, self.env, self.resuming, self.progress, self.on_step = cfg, env, resume, progress, on_step
         self.run_dir = Path(cfg.run.dir)
         self.found = latest_checkpoint(self.run_dir)
         if self.found is not None and not resume:
@@ -341,6 +346,8 @@ class Trainer:
         `save_every`, both at the last step too. True once training is done."""
         run, step = self.cfg.run, self.position.global_step
         self.bar.update(1)
+        if self.on_step is not None:
+            self.on_step(step, self.stop_at)
         self.log.step_done()
         done = step >= self.stop_at
         if step % run.log_every == 0 or done:
