@@ -171,7 +171,8 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
     Why processes: the demo's tiny model keeps two threads only about 70 % busy (a step of
     `demo_pretrain` at 2 threads: 3.7 step/s; two 1-thread runs side by side: 2.65 step/s each),
     and a run on one thread is bitwise reproducible (two threads are not: their reductions
-    split differently from run to run)."""
+    split differently from run to run). The workers are spawned: a script that calls this
+    needs the usual `if __name__ == "__main__":` guard."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from queue import Empty

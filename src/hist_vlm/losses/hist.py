@@ -19,7 +19,8 @@ L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`tr
                           and shrinking the maps cannot lower it
           `add_detach_parts` (default False: every map gets the term's gradient, as in SelfEQ's
           loss between its two maps) makes G_i + G_j a fixed target: the composite's map is
-          pulled toward its parts, the phrase maps are left to the phrase loss
+          pulled toward its parts, the phrase maps are left to the phrase loss. In the demo it
+          wrecked the model (pointing 55 -> 20 %, README): the pull moves its own target
 
 Schedules w(t), t = epochs elapsed (float):
   paper     the paper's L = a L_vl + (1-a)(L_vl + L_HIST), a rising 0 -> 1 over the first two
