@@ -168,8 +168,9 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
     """Train every config of `runs` (label -> TrainConfig) that has not finished before, `jobs`
     at a time (default: one per core), each in its own process with cores // jobs threads.
 
-    Why processes: the demo's tiny model keeps two threads only about 70 % busy (a step of
-    `demo_pretrain` at 2 threads: 3.7 step/s; two 1-thread runs side by side: 2.65 step/s each),
+    Why processes: a second thread speeds the demo's tiny model up far less than a second run
+    side by side does (`demo_pretrain` on 2 threads: 3.7 step/s; two 1-thread runs side by side:
+    2.65 step/s each, 1.4x the throughput),
     and a run on one thread is bitwise reproducible (two threads are not: their reductions
     split differently from run to run). The workers are spawned: a script that calls this
     needs the usual `if __name__ == "__main__":` guard."""
