@@ -134,6 +134,7 @@ def _finished(cfg) -> bool:
 
 
 def available_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -149,7 +150,7 @@ def _init_worker(queue, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _train_worker(key: int, cfg) -> float:
+def _train_worker(label: str, cfg) -> float:
     """One fine-tuning run in a worker: its console lines go to RUN/stdout.txt, its steps to
     the parent's progress bar. Returns the seconds it took."""
     from hist_vlm.train.loop import train
@@ -159,7 +160,7 @@ def _train_worker(key: int, cfg) -> float:
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale or interrupted run of other settings
     run_dir.mkdir(parents=True)
     with (run_dir / "stdout.txt").open("w") as out, contextlib.redirect_stdout(out):
-        train(cfg, progress=False, on_step=lambda step, last: _progress_queue.put((key, step, last)))
+        train(cfg, progress=False, on_step=lambda step, last: _progress_queue.put((label, step, last)))
     (run_dir / "finished.json").write_text(json.dumps(cfg.to_dict()))
     return time.perf_counter() - start
 
@@ -170,9 +171,8 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
 
     Why processes: a second thread speeds the demo's tiny model up far less than a second run
     side by side does (`demo_pretrain` on 2 threads: 3.7 step/s; two 1-thread runs side by side:
-    2.65 step/s each, 1.4x the throughput),
-    and a run on one thread is bitwise reproducible (two threads are not: their reductions
-    split differently from run to run). The workers are spawned: a script that calls this
+    2.65 step/s each, 1.4x the throughput), and a run on one thread is bitwise reproducible (two
+    threads are not: their reductions split differently from run to run). The workers are spawned: a script that calls this
     needs the usual `if __name__ == "__main__":` guard."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -187,29 +187,27 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
     jobs = max(1, min(len(pending), jobs or cores))
     ctx = multiprocessing.get_context("spawn")  # no forked copies of the parent's threads (or CUDA)
     queue = ctx.Queue()
-    labels = list(pending)
-    last: dict[int, tuple[int, int]] = {}  # run -> (step, last step)
+    last: dict[str, tuple[int, int]] = {}  # label -> (step, last step)
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue, max(1, cores // jobs)))
     bar = tqdm(total=0, desc=f"fine-tune {len(pending)} run{'s' * (len(pending) > 1)}, {jobs} at a time", unit="step", dynamic_ncols=True)
     try:
-        futures = {pool.submit(_train_worker, i, pending[label]): i for i, label in enumerate(labels)}
+        futures = {pool.submit(_train_worker, label, cfg): label for label, cfg in pending.items()}
         running = set(futures)
         while running:
             finished, running = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
             try:
                 while True:
-                    key, step, last_step = queue.get_nowait()
-                    last[key] = (step, last_step)
+                    label, step, last_step = queue.get_nowait()
+                    last[label] = (step, last_step)
             except Empty:
                 pass
             known = [t for _, t in last.values()]
-            bar.total = sum(known) + (len(labels) - len(known)) * max(known, default=0)  # equal runs: a good guess
+            bar.total = sum(known) + (len(pending) - len(known)) * max(known, default=0)  # equal runs: a good guess
             bar.n = sum(s for s, _ in last.values())
             bar.refresh()
             for future in finished:
-                seconds = future.result()  # a worker's exception is raised here
-                bar.write(f"== {labels[futures[future]]}: trained in {seconds / 60:.1f} min "
-                          f"({pending[labels[futures[future]]].run.dir})")
+                seconds, label = future.result(), futures[future]  # a worker's exception is raised here
+                bar.write(f"== {label}: trained in {seconds / 60:.1f} min ({pending[label].run.dir})")
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
