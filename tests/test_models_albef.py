@@ -1,6 +1,7 @@
 """The ALBEF backbone: key layout, modes, gathering, captured attention, momentum."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hist_vlm.models import build_backbone
 from hist_vlm.losses.gradcam import paired_gradcam
@@ -276,5 +277,51 @@ def test_conv_stem_keeps_the_token_grid_and_each_sample_its_own_tokens(tmp_path)
         torch.testing.assert_close(loaded.encode_image(images), tokens)
     with pytest.raises(ValueError, match="power-of-2 patch_size"):
         AlbefConfig(**{**TINY, "image_size": 36, "patch_size": 6, "patch_embed": "conv"})
+    with pytest.raises(ValueError, match="conv_stem_extra needs patch_embed conv"):
+        AlbefConfig(**TINY, conv_stem_extra=1)
+
+
+def test_sincos_position_embeddings_start_spatial_and_stay_learnable(tmp_path):
+    """pos_embed_init="sincos": the vision positions start as the 2D sin-cos table, so
+    neighbouring patches are more alike than far ones (timm's std-0.02 normal draw is not);
+    the table is a parameter like before, saved and loaded with the model."""
+    from hist_vlm.models import load_backbone
+
+    def near_minus_far(model) -> float:
+        """Mean cosine of adjacent patches minus that of patches >= 2 cells apart (4 x 4 grid)."""
+        pos = F.normalize(model.visual_encoder.pos_embed[0, 1:].detach(), dim=-1)  # [16, D]
+        cells = torch.tensor([(r, c) for r in range(4) for c in range(4)])
+        dist = (cells[:, None] - cells[None]).abs().max(-1).values        # Chebyshev distance [16, 16]
+        cos = pos @ pos.t()
+        return float(cos[dist == 1].mean() - cos[dist >= 2].mean())
+
+    sincos, normal = tiny(pos_embed_init="sincos"), tiny()
+    assert near_minus_far(sincos) > 0.1 > abs(near_minus_far(normal))
+    assert sincos.visual_encoder.pos_embed.requires_grad
+    assert sincos.visual_encoder.pos_embed[0, 0].abs().sum() == 0            # the class slot
+    sincos.save_pretrained(tmp_path / "m")
+    loaded = load_backbone(tmp_path / "m")
+    assert loaded.config.pos_embed_init == "sincos"
+    torch.testing.assert_close(loaded.visual_encoder.pos_embed, sincos.visual_encoder.pos_embed)
+    with pytest.raises(ValueError, match="unknown pos_embed_init"):
+        AlbefConfig(**TINY, pos_embed_init="rope")
+
+
+def test_conv_stem_extra_layers_widen_the_receptive_field_at_the_same_grid():
+    """conv_stem_extra=1 puts a stride-1 convolution before each stride-2 one: the grid stays,
+    and a pixel two patches away from a token's patch now reaches it (it did not without)."""
+    plain, wide = tiny(patch_embed="conv").eval(), tiny(patch_embed="conv", conv_stem_extra=1).eval()
+    stem = wide.visual_encoder.patch_embed.backbone
+    assert [m.stride for m in stem.modules() if isinstance(m, torch.nn.Conv2d)] == [(1, 1), (2, 2)] * 3
+    assert wide.patch_grid == plain.patch_grid == (4, 4)
+    images = torch.randn(1, 3, 32, 32)
+    nudged = images.clone()
+    nudged[0, :, 8, 8] += 10.0                                       # first pixel of patch (1, 1)
+    for model, reaches in ((plain, False), (wide, True)):
+        with torch.no_grad():
+            embed = model.visual_encoder.patch_embed
+            moved = (embed(nudged) - embed(images))[0].abs().sum(-1).view(4, 4)
+        assert moved[1, 1] > 0
+        assert bool(moved[0, 0] > 0) is reaches                      # patch (0, 0) ends at pixel 7
     with pytest.raises(ValueError, match="unknown patch_embed"):
         AlbefConfig(**TINY, patch_embed="resnet")

@@ -19,7 +19,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import HybridEmbed, LayerNorm2d
+from timm.layers import HybridEmbed, LayerNorm2d, build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
@@ -62,6 +62,7 @@ _ALIASES = {
 
 INITS = ("bert", "fan_in")
 PATCH_EMBEDS = ("linear", "conv")
+POS_EMBED_INITS = ("normal", "sincos")
 VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) travels with it
 
 
@@ -82,6 +83,10 @@ class AlbefConfig:
     #: depend on its batch (GradCAM batching and DDP stay exact). Measured for the demo base,
     #: it points far worse than patchify (README, "The demo's base model")
     patch_embed: str = "linear"
+    #: with patch_embed "conv": stride-1 3x3 convolutions added before each stride-2 one. Each
+    #: widens a token's receptive field (at patch 4: 7 px with none, 13 px with 1, 19 px with 2)
+    #: at the same grid, so a token can see an object's outline and not only its colour
+    conv_stem_extra: int = 0
     text_width: int = 768
     text_layers: int = 12
     text_heads: int = 12
@@ -102,6 +107,13 @@ class AlbefConfig:
     #: keeps each layer's residual branch at the scale of its input at any width (at width 64
     #: std 0.02 makes every layer nearly the identity and all texts one feature)
     init: str = "bert"
+    #: the vision tower's initial position embeddings: "normal" = timm's trunc-normal std 0.02
+    #: (ALBEF's; a pretrained checkpoint overwrites it anyway); "sincos" = the 2D sin-cos table
+    #: of MAE / MoCo v3, still learnable. From scratch at width 64, "normal" positions stayed
+    #: an eighth of a patch token's norm and never became spatial (neighbouring and far patches
+    #: equally similar), so no token could tell where its neighbours are: the model learned
+    #: colours but no shapes (README, "The demo's base model")
+    pos_embed_init: str = "normal"
     vocab_file: str | None = None  # None: bert-base-uncased from the pinned vocab package
 
     def __post_init__(self) -> None:
@@ -113,10 +125,14 @@ class AlbefConfig:
             raise ValueError(f"fusion_layer must be in [0, {self.text_layers}), got {self.fusion_layer}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r} (choose from {INITS})")
+        if self.pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(f"unknown pos_embed_init {self.pos_embed_init!r} (choose from {POS_EMBED_INITS})")
         if self.patch_embed not in PATCH_EMBEDS:
             raise ValueError(f"unknown patch_embed {self.patch_embed!r} (choose from {PATCH_EMBEDS})")
         if self.patch_embed == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ValueError(f"patch_embed conv needs a power-of-2 patch_size (stride-2 convolutions), got {self.patch_size}")
+        if self.conv_stem_extra < 0 or (self.conv_stem_extra and self.patch_embed != "conv"):
+            raise ValueError(f"conv_stem_extra needs patch_embed conv and a count >= 0, got {self.conv_stem_extra}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlbefConfig":
@@ -170,11 +186,16 @@ def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
     (with `patch_embed="conv"` the patch embedding is a convolutional stem, same token grid)."""
     embed = dict(patch_size=cfg.patch_size)
     if cfg.patch_embed == "conv":
-        depth = cfg.patch_size.bit_length() - 1                    # stride 2 ** depth = patch_size
-        stem = ConvStem(in_chans=3, depth=depth, channels=cfg.vision_width, stride=(2,) * depth,
+        halvings = cfg.patch_size.bit_length() - 1                 # stride 2 ** halvings = patch_size
+        per_stage = cfg.conv_stem_extra + 1                        # stride-1 convolutions, then a stride-2 one
+        # ConvStem's own tiers halve the channels at every layer (1 channel at depth 6 of 32):
+        # here they halve per stride-2 stage, so an added layer never thins the stem
+        channels = tuple(cfg.vision_width >> (halvings - 1 - k) for k in range(halvings) for _ in range(per_stage))
+        strides = ((1,) * cfg.conv_stem_extra + (2,)) * halvings
+        stem = ConvStem(in_chans=3, depth=len(strides), channels=channels, stride=strides,
                         kernel_size=3, norm_layer=LayerNorm2d, act_layer=nn.GELU)
         embed = dict(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem, proj=False))
-    return VisionTransformer(
+    vit = VisionTransformer(
         img_size=cfg.image_size,
         embed_dim=cfg.vision_width,
         depth=cfg.vision_depth,
@@ -188,6 +209,12 @@ def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
         act_layer=nn.GELU,
         **embed,
     )
+    if cfg.pos_embed_init == "sincos":
+        grid = vit.patch_embed.grid_size
+        with torch.no_grad():                                      # pos_embed [1, 1+P, Dv], class slot 0
+            vit.pos_embed[0, 0].zero_()
+            vit.pos_embed[0, 1:] = build_sincos2d_pos_embed(list(grid), cfg.vision_width)
+    return vit
 
 
 class AlbefSelfAttention(nn.Module):
