@@ -85,7 +85,9 @@ class AlbefConfig:
     patch_embed: str = "linear"
     #: with patch_embed "conv": stride-1 3x3 convolutions added before each stride-2 one. Each
     #: widens a token's receptive field (at patch 4: 7 px with none, 13 px with 1, 19 px with 2)
-    #: at the same grid, so a token can see an object's outline and not only its colour
+    #: at the same grid, so a token can see an object's outline and not only its colour.
+    #: Measured: with 1, the demo's tower learns shapes from labels (93 % against 18-39 % for
+    #: patchify) but not from the demo's captions (README, "The demo's base model")
     conv_stem_extra: int = 0
     text_width: int = 768
     text_layers: int = 12
@@ -111,8 +113,8 @@ class AlbefConfig:
     #: (ALBEF's; a pretrained checkpoint overwrites it anyway); "sincos" = the 2D sin-cos table
     #: of MAE / MoCo v3, still learnable. From scratch at width 64, "normal" positions stayed
     #: an eighth of a patch token's norm and never became spatial (neighbouring and far patches
-    #: equally similar), so no token could tell where its neighbours are: the model learned
-    #: colours but no shapes (README, "The demo's base model")
+    #: equally similar), and the model learned colours but no shapes. Measured: "sincos" did not
+    #: make the demo base learn shapes either (README, "The demo's base model")
     pos_embed_init: str = "normal"
     vocab_file: str | None = None  # None: bert-base-uncased from the pinned vocab package
 
