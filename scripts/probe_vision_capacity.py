@@ -7,8 +7,11 @@ where a query names one) and scored on a world with another seed. If the tower c
 shapes even with labels, no caption loss will teach them quickly.
 
     python scripts/probe_vision_capacity.py [--target shape|colour] [--steps 600] [KEY=VALUE ...]
+    python scripts/probe_vision_capacity.py --frozen [--model MODEL | KEY=VALUE ...]
 
-KEY=VALUE are `AlbefConfig` fields, e.g. `patch_embed=conv conv_stem_extra=1`.
+KEY=VALUE are `AlbefConfig` fields, e.g. `patch_embed=conv conv_stem_extra=1`. `--frozen`
+trains the head alone: how much of the attribute a tower (random, or `--model`'s, trained on
+captions) already holds, linearly, at an object's centre token.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from PIL import Image
 
 from hist_vlm.data.synthetic import COLOURS, SHAPES, generate_world
 from hist_vlm.eval.runner import eval_transform
+from hist_vlm.models import load_backbone
 from hist_vlm.models.albef import AlbefConfig, build_vision_encoder
 
 DEMO_VISION = dict(image_size=64, patch_size=4, vision_width=64, vision_depth=2, vision_heads=2)
@@ -71,13 +75,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--train-scenes", type=int, default=2048)
     ap.add_argument("--test-scenes", type=int, default=640)
+    ap.add_argument("--model", help="start from this trained model's vision tower (its config; no overrides)")
+    ap.add_argument("--frozen", action="store_true", help="train the linear head only: what the tower already encodes")
     ap.add_argument("overrides", nargs="*", help="AlbefConfig fields as KEY=VALUE")
     args = ap.parse_args()
+    if args.model and args.overrides:
+        ap.error("--model brings its own config: give either --model or KEY=VALUE overrides")
     torch.manual_seed(0)
     params = {**DEMO_VISION, "init": "fan_in", "momentum": False,
               **{k: parse_value(v) for k, v in (o.split("=", 1) for o in args.overrides)}}
-    cfg = AlbefConfig(**params)
-    vision = build_vision_encoder(cfg)
+    if args.model:
+        model = load_backbone(args.model)
+        cfg, vision = model.config, model.visual_encoder
+    else:
+        cfg = AlbefConfig(**params)
+        vision = build_vision_encoder(cfg)
+    vision.requires_grad_(not args.frozen)
     head = torch.nn.Linear(cfg.vision_width, len(CLASSES[args.target]))
     grid, cell = cfg.image_size // cfg.patch_size, cfg.patch_size
     preprocess = eval_transform(SimpleNamespace(image_size=cfg.image_size))      # the evaluation's resize + CLIP norm
@@ -89,7 +102,7 @@ def main() -> None:
                        seed=1, progress=False)
         pixels, labels = labelled_tokens(train_world, "train", args.target, grid, cell, preprocess)
         test_pixels, test_labels = labelled_tokens(test_world, "test", args.target, grid, cell, preprocess)
-    opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.02)
+    opt = torch.optim.AdamW([p for p in (*vision.parameters(), *head.parameters()) if p.requires_grad], lr=1e-3, weight_decay=0.02)
     start = time.time()
     for step in range(1, args.steps + 1):
         batch = torch.randint(0, len(pixels), (32,))
