@@ -51,3 +51,33 @@ def test_capacity_probe_labels_the_token_under_each_object_centre(tmp_path):
     patch, shape = labels[0][0]
     assert divmod(patch, 16) == (int((y1 + y2) / 8), int((x1 + x2) / 8))
     assert probe.CLASSES["shape"][shape] == first["text"].split()[-1]
+
+
+def test_shape_tags_mark_exactly_the_shapes_each_scene_holds(tmp_path):
+    probe = load_script("probe_shape_tags")
+    world = generate_world(tmp_path / "w", n_train=3, n_val=0, n_test=0, image_size=64, seed=2, progress=False)
+    pixels, tags = probe.presence_tags(world.root, "train", lambda im: torch.zeros(3, 64, 64))
+    scenes = {}
+    for line in world.grounding.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "single":
+            scenes.setdefault(rec["image"], set()).add(rec["text"].split()[-1])
+    assert pixels.shape == (3, 3, 64, 64) and tags.shape == (3, len(probe.SHAPES))
+    for row, image in enumerate(sorted(scenes)):
+        assert {probe.SHAPES[i] for i in tags[row].nonzero().flatten().tolist()} == scenes[image]
+
+
+def test_pooled_takes_the_max_or_the_mean_over_patch_tokens_only():
+    probe = load_script("probe_shape_tags")
+    tokens = torch.tensor([[[100.0, -100.0], [1.0, 2.0], [3.0, -4.0]]])      # [1, 1+P, D]: class token first
+    tower = type("Tower", (), {"forward_features": staticmethod(lambda pixels: tokens)})()
+    assert probe.pooled(tower, None, "max").tolist() == [[3.0, 2.0]]
+    assert probe.pooled(tower, None, "mean").tolist() == [[2.0, -1.0]]
+
+
+def test_mean_auc_is_one_for_a_perfect_ranking_half_for_ties_and_zero_reversed():
+    probe = load_script("probe_shape_tags")
+    tags = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    assert probe.mean_auc(tags * 2 - 1, tags) == 1.0
+    assert probe.mean_auc(torch.zeros(4, 2), tags) == 0.5
+    assert probe.mean_auc(1 - tags, tags) == 0.0
