@@ -2,6 +2,7 @@
 
 A diagnostic of the demo base's plateau (README, "The demo's base model"), in three steps:
 
+    (options before the positional arguments)
     python scripts/probe_shape_tags.py tags --out TOWER.pt [--steps 800] [KEY=VALUE ...]
         trains a fresh vision tower (AlbefConfig fields as KEY=VALUE) to say which shapes are in
         an image: max over its patch tokens -> linear -> binary cross-entropy per shape. The
@@ -11,18 +12,19 @@ A diagnostic of the demo base's plateau (README, "The demo's base model"), in th
         9-30 of them (measured: the mean stayed at the prior for 600 steps, the max learned).
     python scripts/probe_shape_tags.py readout MODEL|TOWER.pt [KEY=VALUE ...]
         freezes a tower (a saved model or checkpoint, `demo_base`, or a `tags` output with the
-        KEY=VALUE it was trained with) and
-        trains only a linear head on its max- and mean-pooled patch tokens: how much of "which
-        shapes are here" the tower still holds, on another world's scenes: the mean over shapes
-        of the ROC AUC (0.5: nothing), and the binary cross-entropy (the label prior's entropy,
-        0.662, is nothing; an overconfident head can score worse than that).
-    python scripts/probe_shape_tags.py pretrain TOWER.pt RUN_DIR [--freeze stem|tower] [OVERRIDE ...]
+        KEY=VALUE it was trained with) and trains only a linear head on its max- and
+        mean-pooled patch tokens: how much of "which shapes are here" the tower still holds,
+        on another world's scenes: the mean over shapes of the ROC AUC (0.5: nothing), and the
+        binary cross-entropy (the label prior's entropy, 0.662, is nothing; an overconfident
+        head can score worse than that).
+    python scripts/probe_shape_tags.py pretrain [--freeze stem|tower] [--vision-lr-scale F] TOWER.pt RUN_DIR [OVERRIDE ...]
         the `demo_pretrain` preset (plus `section.key=value` overrides, which must give the
         tower's own sizes, e.g. `model.params.patch_embed=conv`) with its vision tower starting
         from TOWER.pt; --freeze keeps its convolutional stem (`patch_embed`) or the whole tower
-        as TOWER.pt left it. The trainer has no option to initialise one tower
-        from a file, so this wraps `HistTask.build_model`; score the run with
-        `probe_grounding_words.py` and `readout`.
+        as TOWER.pt left it; --vision-lr-scale trains the vision tower at F times `optim.lr`
+        (the same warm-up and cosine). The trainer has no option to initialise one tower
+        from a file nor a learning rate per tower, so this wraps `HistTask.build_model` and
+        `build_optimizer`; score the run with `probe_grounding_words.py` and `readout`.
 """
 from __future__ import annotations
 
@@ -139,6 +141,7 @@ def readout(args) -> None:
 def pretrain(args) -> None:
     from hist_vlm.train import loop
     from hist_vlm.train.config import load_config
+    from hist_vlm.train.optim import weight_decay_groups
 
     build = loop.HistTask.build_model
 
@@ -150,7 +153,17 @@ def pretrain(args) -> None:
             frozen.requires_grad_(False)
         return model
 
+    def build_optimizer(named, optim):
+        named = list(named)
+        vision = [(n, p) for n, p in named if n.startswith("visual_encoder.")]
+        rest = [(n, p) for n, p in named if not n.startswith("visual_encoder.")]
+        groups = weight_decay_groups(rest, optim.weight_decay) + [
+            dict(g, lr=optim.lr * args.vision_lr_scale) for g in weight_decay_groups(vision, optim.weight_decay)]
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+
     loop.HistTask.build_model = build_from_tower
+    if args.vision_lr_scale != 1.0:
+        loop.build_optimizer = build_optimizer
     loop.train(load_config("demo_pretrain", [f"run.dir={args.run_dir}", *args.overrides]), progress=False)
 
 
@@ -180,6 +193,7 @@ def main() -> None:
     p.add_argument("tower")
     p.add_argument("run_dir")
     p.add_argument("--freeze", choices=("stem", "tower"), help="keep this part as the tower file left it")
+    p.add_argument("--vision-lr-scale", type=float, default=1.0, help="the vision tower's lr as a multiple of optim.lr")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
     args = ap.parse_args()
     {"tags": train_tags, "readout": readout, "pretrain": pretrain}[args.command](args)
