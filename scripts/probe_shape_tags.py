@@ -37,6 +37,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from torch import Tensor, nn
 
@@ -103,9 +104,15 @@ def worlds(scenes: int, preprocess) -> tuple[tuple[Tensor, Tensor], tuple[Tensor
         return presence_tags(train, "train", preprocess), presence_tags(test, "test", preprocess)
 
 
+def tower(overrides: list[str]) -> nn.Module:
+    """A fresh vision tower of the demo's sizes with AlbefConfig fields KEY=VALUE (YAML values)."""
+    fields = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in overrides)}
+    return build_vision_encoder(AlbefConfig(**{**DEMO_VISION, **fields}))
+
+
 def train_tags(args) -> None:
     torch.manual_seed(0)
-    vision = build_vision_encoder(AlbefConfig(**{**DEMO_VISION, **dict(_parse(o) for o in args.overrides)}))
+    vision = tower(args.overrides)
     head = nn.Linear(vision.embed_dim, len(SHAPES))
     (pixels, tags), _ = worlds(args.scenes, eval_transform(SimpleNamespace(image_size=64)))
     fit([*vision.parameters(), *head.parameters()],
@@ -117,7 +124,7 @@ def train_tags(args) -> None:
 
 def readout(args) -> None:
     if args.model.endswith(".pt"):
-        vision = build_vision_encoder(AlbefConfig(**{**DEMO_VISION, **dict(_parse(o) for o in args.overrides)}))
+        vision = tower(args.overrides)
         vision.load_state_dict(torch.load(args.model, weights_only=True))
     else:
         vision = load_backbone(args.model).visual_encoder
@@ -165,16 +172,6 @@ def pretrain(args) -> None:
     if args.vision_lr_scale != 1.0:
         loop.build_optimizer = build_optimizer
     loop.train(load_config("demo_pretrain", [f"run.dir={args.run_dir}", *args.overrides]), progress=False)
-
-
-def _parse(override: str) -> tuple[str, object]:
-    key, value = override.split("=", 1)
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, value
 
 
 def main() -> None:
