@@ -37,6 +37,8 @@ class HistBatch:
     subjects:   subject words S_i of the same phrases, row-aligned with `phrases`
     pair_first / pair_second / composites: row-aligned triples (C_i, C_j, "C_i and C_j")
         for the addition loss; may hold zero rows.
+    caption_swaps: captions with one subject swapped for one the image lacks, extra ITM
+        negatives of their image (`data.swap_negatives`), padded like `captions`; None = none.
     """
 
     pixel_values: Tensor  # [B, 3, H, W]
@@ -47,6 +49,7 @@ class HistBatch:
     pair_first: TextRows
     pair_second: TextRows
     composites: TextRows
+    caption_swaps: TextRows | None = None
 
     def to(self, device: torch.device | str) -> "HistBatch":
         return HistBatch(

@@ -47,6 +47,9 @@ class ImageRecord:
     captions: tuple[str, ...]
     phrases: tuple[tuple[str, str], ...]  # (phrase C_i, its subject S_i)
     pairs: tuple[tuple[int, int], ...]    # (i, j) indices into `phrases`
+    #: row-aligned with `phrases`: (caption index, subject start, subject end, subject lemma),
+    #: offsets into that caption (what a subject swap replaces)
+    subject_spans: tuple[tuple[int, int, int, str], ...] = ()
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Sample:
     pair: tuple[str, str] | None        # (C_i, C_j); the composite is "C_i and C_j"
     flipped: bool
     image_path: str
+    caption_swap: str | None = None     # the caption with one subject swapped (an ITM negative)
     skipped: list[str] = field(default_factory=list)  # unreadable images this sample replaced
 
 
@@ -80,7 +84,8 @@ def read_parse_output(path: str | Path) -> tuple[list[ImageRecord], int]:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise DatasetError(f"{path}:{lineno}: not a `hist-vlm parse` record ({e!r})") from None
             phrases = tuple((p.text, p.subject) for _, p in parsed.phrases)
-            record = ImageRecord(str(parsed.image), tuple(parsed.captions), phrases, tuple(parsed.pairs))
+            spans = tuple((ci, p.subject_start, p.subject_end, p.subject_lemma) for ci, p in parsed.phrases)
+            record = ImageRecord(str(parsed.image), tuple(parsed.captions), phrases, tuple(parsed.pairs), spans)
             if any(not (0 <= i < len(phrases) and 0 <= j < len(phrases)) for i, j in record.pairs):
                 raise DatasetError(f"{path}:{lineno}: a pair indexes a phrase that does not exist")
             if not record.captions or not record.phrases:
@@ -104,11 +109,17 @@ class HistDataset(Dataset):
         seed: int = 0,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
+        swap_negatives: float = 0.0,
     ) -> None:
         self.records = records
         self.image_root = Path(image_root)
         self.seed = seed
         self.hflip = hflip
+        self.swap_negatives = swap_negatives
+        #: every subject the corpus names, as (surface form, lemma), sorted: the swap draws
+        self.subject_words = sorted({
+            (rec.captions[ci][start:end], lemma) for rec in records for ci, start, end, lemma in rec.subject_spans
+        })
         self.crop = v2.RandomResizedCrop(
             image_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
         )
@@ -134,7 +145,8 @@ class HistDataset(Dataset):
     def _draw(self, epoch: int, index: int) -> Sample:
         record = self.records[index]
         rng = np.random.default_rng([self.seed, epoch, index])
-        caption = record.captions[rng.integers(len(record.captions))]
+        caption_index = int(rng.integers(len(record.captions)))
+        caption = record.captions[caption_index]
         if record.pairs:
             i, j = record.pairs[rng.integers(len(record.pairs))]
             pair = (record.phrases[i][0], record.phrases[j][0])
@@ -145,7 +157,24 @@ class HistDataset(Dataset):
         flip = self.hflip and rng.random() < 0.5 and not any(_SIDE_WORD.search(t) for t in texts)
         path = self.image_root / record.image
         pixels = self._load(path, int(rng.integers(2**63)), flip)
-        return Sample(index, pixels, caption, phrase, subject, pair, flip, str(path))
+        swap = None
+        if self.swap_negatives > 0 and rng.random() < self.swap_negatives:  # drawn last: off, no draw changes
+            swap = self._swap(record, caption_index, rng)
+        return Sample(index, pixels, caption, phrase, subject, pair, flip, str(path), caption_swap=swap)
+
+    def _swap(self, record: ImageRecord, caption_index: int, rng: np.random.Generator) -> str | None:
+        """The caption with one of its subjects replaced by a subject the corpus names elsewhere
+        and none of this image's captions names (by lemma): a negative text for this image that
+        differs from a positive only in WHAT it names, so colour or layout cannot tell them
+        apart. None where the caption has no parsed subject or every subject is this image's."""
+        spans = [(s, e) for ci, s, e, _ in record.subject_spans if ci == caption_index]
+        own = {lemma for *_, lemma in record.subject_spans}
+        others = [word for word, lemma in self.subject_words if lemma not in own]
+        if not spans or not others:
+            return None
+        start, end = spans[rng.integers(len(spans))]
+        caption = record.captions[caption_index]
+        return caption[:start] + others[rng.integers(len(others))] + caption[end:]
 
     def _load(self, path: Path, crop_seed: int, flip: bool) -> Tensor | None:
         try:
@@ -183,15 +212,24 @@ class HistCollate:
         every = torch.arange(len(samples))
         paired = [(b, s.pair) for b, s in enumerate(samples) if s.pair is not None]
         pair_index = torch.tensor([b for b, _ in paired], dtype=torch.long)
+        swapped = [(b, s.caption_swap) for b, s in enumerate(samples) if s.caption_swap is not None]
+        captions = self._rows([s.caption for s in samples] + [t for _, t in swapped], every)
+        swaps = None
+        if swapped:  # one padded length for both: the ITM fuses them in one block
+            b = len(samples)
+            swaps = TextRows(captions.input_ids[b:], captions.attention_mask[b:],
+                             torch.tensor([i for i, _ in swapped], dtype=torch.long))
+            captions = TextRows(captions.input_ids[:b], captions.attention_mask[:b], every)
         batch = HistBatch(
             pixel_values=torch.stack([s.pixel_values for s in samples]),  # [B, 3, H, W]
             image_ids=torch.tensor([s.index for s in samples], dtype=torch.long),
-            captions=self._rows([s.caption for s in samples], every),
+            captions=captions,
             phrases=self._rows([s.phrase for s in samples], every),
             subjects=self._rows([s.subject for s in samples], every),
             pair_first=self._rows([p[0] for _, p in paired], pair_index),
             pair_second=self._rows([p[1] for _, p in paired], pair_index),
             composites=self._rows([composite_text(*p) for _, p in paired], pair_index),
+            caption_swaps=swaps,
         )
         return batch, [path for s in samples for path in s.skipped]
 

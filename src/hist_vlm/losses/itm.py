@@ -97,6 +97,13 @@ def itm_block(
     return ItmBlock(all_rows, embeds, labels.to(image_embeds.device))
 
 
+def with_negative_texts(block: ItmBlock, rows: TextRows, embeds: Tensor) -> ItmBlock:
+    """`block` plus `rows` [S] fused with their own image, labelled 0: texts built not to match
+    it (`HistBatch.caption_swaps`); `embeds` [S, T, D] at the block's padded length."""
+    labels = torch.cat([block.labels, block.labels.new_zeros(len(rows))])
+    return ItmBlock(cat_rows(block.rows, rows), torch.cat([block.embeds, embeds]), labels)
+
+
 def itm_losses(model: VisionLanguageBackbone, image_embeds: Tensor, blocks: list[ItmBlock]) -> list[Tensor]:
     """One cross-entropy per block (captions, phrases, subjects), each block fused at its OWN
     padded length: a subject row is ~3 tokens and a caption ~25, and one pass with every block

@@ -29,7 +29,7 @@ from hist_vlm.batch import HistBatch, TextRows
 from hist_vlm.losses.distributed import global_mean
 from hist_vlm.losses.gradcam import gradcam_maps, minmax_maps
 from hist_vlm.losses.itc import ItcLoss, text_keys
-from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses
+from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses, with_negative_texts
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
 from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import CaptioningModel, MaskedLanguageModel, MomentumTwin, VisionLanguageBackbone
@@ -94,13 +94,20 @@ class Itc:
 
 class Itm:
     """ITM with negatives sampled from the ITC similarities (`losses.itm`). All kinds' negatives
-    first (in kind order: the draws), then ONE `itm_losses` call for all their fusion rows."""
+    first (in kind order: the draws), then ONE `itm_losses` call for all their fusion rows. The
+    captions' block also holds the batch's subject-swapped captions, if any, as negatives."""
 
     def __init__(self, hard: bool, group_size: int | None) -> None:
         self.hard, self.group_size = hard, group_size
 
     def __call__(self, step: Step, kinds: list[str]) -> list[Tensor]:
-        return itm_losses(step.model, step.image_embeds, [self.block(step, step.texts[k]) for k in kinds])
+        blocks = [self.block(step, step.texts[k]) for k in kinds]
+        swaps = step.batch.caption_swaps
+        if swaps is not None and "captions" in kinds:
+            i = kinds.index("captions")
+            blocks[i] = with_negative_texts(blocks[i], swaps, step.model.encode_text(swaps.input_ids,
+                                                                                     swaps.attention_mask))
+        return itm_losses(step.model, step.image_embeds, blocks)
 
     def block(self, step: Step, texts: EncodedText) -> ItmBlock:
         dev = step.image_embeds.device

@@ -81,12 +81,17 @@ class DataConfig:
     num_workers: int = 4
     crop_scale: tuple[float, float] = (0.5, 1.0)   # RandomResizedCrop area range
     hflip: bool = True            # only where no text of the sample says "left"/"right"
+    #: share of captions that also bring an ITM negative: the caption with one subject swapped
+    #: for one the corpus names and this image's captions do not (`HistDataset._swap`); 0 = off
+    swap_negatives: float = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
         _positive(self, "image_size")
         _positive(self, "batch_size")
         _positive(self, "max_length")
+        if not 0.0 <= self.swap_negatives <= 1.0:
+            raise ConfigError(f"data.swap_negatives must be in [0, 1], got {self.swap_negatives}")
 
 
 @dataclass

@@ -225,7 +225,7 @@ class HistTask:
         )
         dataset = HistDataset(
             self.records, self.image_root, cfg.data.image_size, seed=cfg.run.seed,
-            crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+            crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, swap_negatives=cfg.data.swap_negatives,
         )
         collate = HistCollate(model.tokenize, cfg.data.max_length, cfg.data.pad_to_max_length)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
