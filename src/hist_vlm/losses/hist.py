@@ -71,6 +71,9 @@ class HistLossConfig:
     momentum: float = 0.995
     alpha: float = 0.4                     # distillation weight, ramped over epoch 0 (ALBEF)
     mlm_probability: float = 0.15
+    #: masking rate of the tokens of the corpus's subject words (HistLoss's `subject_ids`);
+    #: None = `mlm_probability` like every other token
+    mlm_subject_probability: float | None = None
     mlm_weight: float = 1.0                # 0: no MLM/LM pass at all (ALBEF's Retrieval.py trains ITC + ITM)
     itm_hard_negatives: bool = True       # False: uniform over the non-positives
     itm_group_size: int | None = None      # negatives among groups of this many images (None: local batch)
@@ -84,6 +87,10 @@ class HistLossConfig:
             raise ValueError(f"unknown capture_combine {self.capture_combine!r} (mean or product)")
         if self.mlm_weight < 0:
             raise ValueError(f"mlm_weight must be >= 0, got {self.mlm_weight}")
+        for name in ("mlm_probability", "mlm_subject_probability"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.add_normalize not in ADD_NORMALIZES:
             raise ValueError(f"unknown add_normalize {self.add_normalize!r} (choose from {ADD_NORMALIZES})")
 
@@ -104,14 +111,17 @@ class HistLoss(nn.Module):
     `ItcLoss` (its queue with a momentum twin) and the shared-seed generator (saved with the
     checkpoint's RNG states as `_gen`); the temperature is the backbone's."""
 
-    def __init__(self, config: HistLossConfig, model: VisionLanguageBackbone) -> None:
+    def __init__(self, config: HistLossConfig, model: VisionLanguageBackbone,
+                 subject_ids: Tensor | None = None) -> None:
+        """`subject_ids` [K]: token ids of the subject words the parse found in the training
+        captions, masked at `mlm_subject_probability` (the trainer passes them)."""
         super().__init__()
         cfg = self.config = config
         queue_size = config.queue_size if model.momentum_twin() is not None else 0
         self.itc = ItcLoss(model.embed_dim, queue_size)
         #: the vision-language terms, in the order they run (and draw)
         self.vl_terms = {"itc": Itc(self.itc), "itm": Itm(cfg.itm_hard_negatives, cfg.itm_group_size),
-                         "mlm": Lm(cfg.mlm_probability)}
+                         "mlm": Lm(cfg.mlm_probability, cfg.mlm_subject_probability, subject_ids)}
         self.vl = CaptionTerm(cfg.mlm_weight)
         layers = tuple(int(x) for x in (cfg.capture_layers or model.default_capture_layers))
         self.terms: list[tuple[str, float, TextTerm | AdditionTerm]] = [

@@ -25,9 +25,16 @@ def mask_tokens(
     vocab_size: int,
     never_mask: Sequence[int],
     probability: float = 0.15,
+    preferred: Tensor | None = None,
+    preferred_probability: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """u [3, N, T] uniforms -> (masked input_ids [N, T], labels [N, T] with -100 off the mask)."""
-    chosen = (u[0] < probability) & attention_mask.bool()
+    """u [3, N, T] uniforms -> (masked input_ids [N, T], labels [N, T] with -100 off the mask).
+    Tokens whose id is in `preferred` [K] are chosen with `preferred_probability` instead (the
+    same uniforms: at equal probabilities the masks are the same)."""
+    p = torch.full_like(u[0], probability)
+    if preferred is not None and preferred_probability is not None:
+        p = torch.where(torch.isin(input_ids, preferred), preferred_probability, p)
+    chosen = (u[0] < p) & attention_mask.bool()
     for tok in never_mask:
         chosen &= input_ids != tok
     labels = input_ids.masked_fill(~chosen, -100)

@@ -123,10 +123,14 @@ class Itm:
 class Lm:
     """Language modelling per kind: masked LM with momentum distillation for a
     `MaskedLanguageModel` (ALBEF), captioning LM for a `CaptioningModel` (BLIP with its
-    decoder), else 0. Every kind's masks are drawn before any head runs (the draw order)."""
+    decoder), else 0. Every kind's masks are drawn before any head runs (the draw order).
+    `subject_ids` [K] (the token ids of the corpus's subject words) are masked with
+    `subject_probability` instead of `probability` when both are given."""
 
-    def __init__(self, probability: float) -> None:
+    def __init__(self, probability: float, subject_probability: float | None = None,
+                 subject_ids: Tensor | None = None) -> None:
         self.probability = probability
+        self.subject_probability, self.subject_ids = subject_probability, subject_ids
 
     def __call__(self, step: Step, kinds: list[str]) -> list[Tensor]:
         model, rows_of = step.model, [step.texts[k].rows for k in kinds]
@@ -141,6 +145,8 @@ class Lm:
             masked.append(mask_tokens(
                 rows.input_ids, rows.attention_mask, u, mask_id=tok.mask_token_id, vocab_size=tok.vocab_size,
                 never_mask=tok.never_mask, probability=self.probability,
+                preferred=None if self.subject_ids is None else self.subject_ids.to(rows.input_ids.device),
+                preferred_probability=self.subject_probability,
             ))  # (input_ids [N, T], labels [N, T])
         return [self.masked_lm(step, rows, ids, labels) for rows, (ids, labels) in zip(rows_of, masked)]
 

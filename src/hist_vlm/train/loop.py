@@ -30,8 +30,9 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hist_vlm.data.dataset import GlobalBatchSampler, HistCollate, HistDataset, read_parse_output
+from hist_vlm.data.dataset import GlobalBatchSampler, HistCollate, HistDataset, ImageRecord, read_parse_output
 from hist_vlm.losses.hist import HistLoss
+from hist_vlm.models.base import MaskedLanguageModel
 from hist_vlm.train.checkpoint import (
     Position,
     latest_checkpoint,
@@ -194,6 +195,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def subject_token_ids(model: MaskedLanguageModel, records: list[ImageRecord]) -> torch.Tensor:
+    """[K] the distinct token ids of every subject word the parse found in `records`, without
+    the model's never-masked specials: what `loss.mlm_subject_probability` masks."""
+    words = sorted({rec.captions[ci][start:end] for rec in records for ci, start, end, _ in rec.subject_spans})
+    if not words:
+        return torch.zeros(0, dtype=torch.long)
+    ids, mask = model.tokenize(words)
+    found = set(ids[mask.bool()].tolist()) - set(model.mask_tokens.never_mask)
+    return torch.tensor(sorted(found), dtype=torch.long)
+
+
 class HistTask:
     """The HIST / ALBEF objectives on `hist-vlm parse` output (every preset but the VQA ones).
 
@@ -214,7 +226,10 @@ class HistTask:
         return build_model(self.cfg.model, self.cfg.data.image_size, self.vocab, self.vocab_file)
 
     def objective(self, model) -> torch.nn.Module:
-        return HistLoss(self.cfg.loss, model)
+        subject_ids = None
+        if self.cfg.loss.mlm_subject_probability is not None and isinstance(model, MaskedLanguageModel):
+            subject_ids = subject_token_ids(model, self.records)
+        return HistLoss(self.cfg.loss, model, subject_ids)
 
     def loader(self, model) -> tuple[GlobalBatchSampler, DataLoader]:
         """This rank's batches: the sampler cuts global batches, the collate tokenizes."""
