@@ -29,7 +29,9 @@ A diagnostic of the demo base's plateau (README, "The demo's base model"), in th
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -51,8 +53,9 @@ DEMO_VISION = dict(image_size=64, patch_size=4, vision_width=64, vision_depth=2,
 PRIOR_ENTROPY = 0.662   # binary entropy of the share of scenes holding a given shape (~3 of 8)
 
 
-def presence_tags(world: Path, split: str, preprocess) -> tuple[Tensor, Tensor]:
-    """(pixels [N, 3, H, W], multi-hot shapes present [N, len(SHAPES)]) of a world's split."""
+def presence_tags(world: Path, split: str, preprocess, words: bool = False) -> tuple[Tensor, Tensor]:
+    """(pixels [N, 3, H, W], multi-hot shapes present [N, len(SHAPES)]) of a world's split;
+    with `words`, the caption words instead (`caption_word_tags`)."""
     present: dict[str, set[int]] = {}
     for line in (world / "grounding.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -63,7 +66,23 @@ def presence_tags(world: Path, split: str, preprocess) -> tuple[Tensor, Tensor]:
     for row, image in enumerate(images):
         tags[row, sorted(present[image])] = 1
     pixels = torch.stack([preprocess(Image.open(world / image).convert("RGB")) for image in images])
-    return pixels, tags
+    return pixels, caption_word_tags(world, split, images)[0] if words else tags
+
+
+def caption_word_tags(world: Path, split: str, images: list[str]) -> tuple[Tensor, list[str]]:
+    """([N, W] multi-hot, the W words): which words the image's captions use, over the words some but not
+    nearly all images use (1-99 %): shapes, colours, sizes, counts, relations. No parse and no
+    labels, only the captions."""
+    words_of = {}
+    for line in (world / f"captions_{split}.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        words_of[rec["image"]] = set(re.findall(r"[a-z]+", " ".join(rec["captions"]).lower()))
+    counts = collections.Counter(w for image in images for w in words_of[image])
+    vocab = sorted(w for w, c in counts.items() if 0.01 <= c / len(images) <= 0.99)
+    tags = torch.zeros(len(images), len(vocab))
+    for row, image in enumerate(images):
+        tags[row, [vocab.index(w) for w in words_of[image] if w in vocab]] = 1
+    return tags, vocab
 
 
 def pooled(vision: nn.Module, pixels: Tensor, how: str) -> Tensor:
@@ -95,13 +114,14 @@ def fit(params, loss_of, steps: int, n: int, batch: int, lr: float, log: bool = 
             print(f"step {step}: tag loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
 
 
-def worlds(scenes: int, preprocess) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """Training tags of the demo's world (seed 0) and test tags of another (seed 1)."""
+def worlds(scenes: int, preprocess, words: bool = False) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Training tags of the demo's world (seed 0; the caption words with `words`) and test
+    shape tags of another (seed 1)."""
     with tempfile.TemporaryDirectory() as tmp:
         train, test = Path(tmp) / "train", Path(tmp) / "test"
         generate_world(train, n_train=scenes, n_val=0, n_test=0, image_size=64, seed=0, progress=False)
         generate_world(test, n_train=0, n_val=0, n_test=512, image_size=64, seed=1, progress=False)
-        return presence_tags(train, "train", preprocess), presence_tags(test, "test", preprocess)
+        return presence_tags(train, "train", preprocess, words), presence_tags(test, "test", preprocess)
 
 
 def tower(overrides: list[str]) -> nn.Module:
@@ -113,8 +133,8 @@ def tower(overrides: list[str]) -> nn.Module:
 def train_tags(args) -> None:
     torch.manual_seed(0)
     vision = tower(args.overrides)
-    head = nn.Linear(vision.embed_dim, len(SHAPES))
-    (pixels, tags), _ = worlds(args.scenes, eval_transform(SimpleNamespace(image_size=64)))
+    (pixels, tags), _ = worlds(args.scenes, eval_transform(SimpleNamespace(image_size=64)), args.tags == "words")
+    head = nn.Linear(vision.embed_dim, tags.shape[1])
     fit([*vision.parameters(), *head.parameters()],
         lambda b: F.binary_cross_entropy_with_logits(head(pooled(vision, pixels[b], "max")), tags[b]),
         args.steps, len(pixels), 64, 1e-3, log=True)
@@ -181,6 +201,8 @@ def main() -> None:
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=800)
     t.add_argument("--scenes", type=int, default=2048)
+    t.add_argument("--tags", choices=("shapes", "words"), default="shapes",
+                   help="the shapes present, or every word the captions use (caption_word_tags)")
     t.add_argument("overrides", nargs="*", help="AlbefConfig fields as KEY=VALUE")
     r = sub.add_parser("readout", help="what a frozen tower holds of which shapes are present")
     r.add_argument("model")

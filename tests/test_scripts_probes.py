@@ -67,6 +67,21 @@ def test_shape_tags_mark_exactly_the_shapes_each_scene_holds(tmp_path):
         assert {probe.SHAPES[i] for i in tags[row].nonzero().flatten().tolist()} == scenes[image]
 
 
+def test_caption_word_tags_mark_the_words_each_scenes_captions_use(tmp_path):
+    probe = load_script("probe_shape_tags")
+    world = generate_world(tmp_path / "w", n_train=40, n_val=0, n_test=0, image_size=64, seed=2, progress=False)
+    words_of = {}
+    for line in (world.root / "captions_train.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        words_of[rec["image"]] = set(" ".join(rec["captions"]).lower().replace(",", " ").replace(":", " ").split())
+    images = sorted(words_of)
+    tags, vocab = probe.caption_word_tags(world.root, "train", images)
+    assert tags.shape == (40, len(vocab)) and "a" not in vocab  # "a" is in every scene: it tells none apart
+    assert set(probe.SHAPES) <= set(vocab) and {"red", "small"} <= set(vocab)
+    for row, image in enumerate(images):
+        assert {w for w, on in zip(vocab, tags[row].tolist()) if on} == words_of[image] & set(vocab)
+
+
 def test_pooled_takes_the_max_or_the_mean_over_patch_tokens_only():
     probe = load_script("probe_shape_tags")
     tokens = torch.tensor([[[100.0, -100.0], [1.0, 2.0], [3.0, -4.0]]])      # [1, 1+P, D]: class token first
