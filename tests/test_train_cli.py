@@ -25,6 +25,8 @@ DEMO = str(CONFIGS / "demo_tiny.yaml")
     ([DEMO, "data.synthetic.enabled=false", "data.phrases=nowhere.jsonl"], "data.phrases: file not found"),
     ([DEMO, "data.synthetic.enabled=false", "data.phrases=" + DEMO, "data.image_root=" + DEMO],
      "data.image_root: folder not found"),
+    ([DEMO, "data.swap_negatives=2"], "data.swap_negatives must be in [0, 1]"),
+    ([DEMO, "loss.mlm_subject_probability=1.5"], "mlm_subject_probability must be in [0, 1]"),
 ])
 def test_user_mistakes_are_one_line_errors(args, message, tmp_path):
     res = CliRunner().invoke(app, ["train", *args, f"run.dir={tmp_path / 'run'}"])

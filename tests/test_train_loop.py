@@ -127,3 +127,20 @@ def test_a_checkpoint_with_the_old_queue_keys_still_resumes_exactly(world, tmp_p
         train(config(world, tmp_path / run, "run.max_steps=5"), resume=True, progress=False)
     a, b = read_log(tmp_path / "new"), read_log(tmp_path / "old")
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 5
+
+
+def test_swap_negatives_and_subject_masking_reach_the_step(world, tmp_path):
+    """At step 1 (same weights, same draws) swaps change only the caption ITM, subject masking
+    only the MLM terms: the trainer wires both from the config to the loss."""
+    def first(name, *extra):
+        train(config(world, tmp_path / name, "run.max_steps=1", *extra), progress=False)
+        return read_log(tmp_path / name)[0]
+
+    plain = first("plain")
+    swaps = first("swaps", "data.swap_negatives=1.0")
+    masked = first("masked", "loss.mlm_subject_probability=1.0")
+    assert swaps["itm"] != plain["itm"]
+    assert {k: swaps[k] for k in TERMS if k not in ("itm", "loss")} == {k: plain[k] for k in TERMS if k not in ("itm", "loss")}
+    assert masked["mlm"] != plain["mlm"] and masked["phrase_mlm"] != plain["phrase_mlm"]
+    assert {k: masked[k] for k in ("itc", "itm", "phrase_itc", "subject_itm", "add")} == \
+        {k: plain[k] for k in ("itc", "itm", "phrase_itc", "subject_itm", "add")}
