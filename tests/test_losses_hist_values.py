@@ -118,6 +118,28 @@ def test_mlm_weight_scales_both_language_terms_and_zero_skips_the_pass(monkeypat
         HistLossConfig(mlm_weight=-1.0)
 
 
+def test_a_zero_weight_addition_term_is_skipped_and_changes_nothing_else(monkeypatch):
+    """lambda_add = 0 (the ablation's "+ phrase" row) computes no GradCAM map; every other
+    term keeps its value (the addition term draws nothing) and the total is theirs."""
+    import hist_vlm.losses.terms as terms
+
+    model = tiny_albef(dtype=torch.float64)
+    batch = hist_batch(model)
+    base = dict(schedule="constant", capture_layers=(0,), queue_size=0)
+    full = HistLoss(HistLossConfig(**base), model)(model, batch, 0.5)
+    assert float(full["add"].detach()) > 0
+
+    def no_maps(*args, **kwargs):
+        raise AssertionError("lambda_add=0 must not compute GradCAM maps")
+
+    monkeypatch.setattr(terms, "gradcam_maps", no_maps)
+    off = HistLoss(HistLossConfig(**base, lambda_add=0.0), model)(model, batch, 0.5)
+    assert float(off["add"]) == 0.0
+    for key in ("itc", "itm", "mlm", "phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm"):
+        torch.testing.assert_close(off[key], full[key], **F64)
+    torch.testing.assert_close(off["loss"], full["loss"] - full["add"], **F64)
+
+
 # ----------------------------------------------------------------------------- the addition term
 
 def test_addition_term_is_the_sum_rule_on_the_pair_rows():

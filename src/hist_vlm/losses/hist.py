@@ -170,7 +170,10 @@ class HistLoss(nn.Module):
     def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
         cfg = self.config
         w = hist_weight(cfg.schedule, progress, cfg.paper_ramp_epochs)
-        on = self.terms if w > 0 else []  # "off" (w = 0): the HIST terms are not computed at all
+        # "off" (w = 0): the HIST terms are not computed at all. A zero-weight term is skipped
+        # only if it draws nothing (the addition term, whose GradCAM is most of a HIST step):
+        # skipping a text term would shift the shared-seed draws of every term after it
+        on = [(n, lam, t) for n, lam, t in self.terms if lam != 0 or t.draws] if w > 0 else []
         text_terms = [self.vl] + [t for _, _, t in on if isinstance(t, TextTerm)]
         step = self._step(model, batch, progress, list(dict.fromkeys(t.kind for t in text_terms)))
         for part, vl_term in self.vl_terms.items():  # ITC, ITM, LM, each over every kind that needs it

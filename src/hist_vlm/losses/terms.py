@@ -172,6 +172,7 @@ class TextTerm:
     kind: ClassVar[str]
     prefix: ClassVar[str]
     parts: ClassVar[tuple[str, ...]]   # of "itc", "itm", "mlm", summed in this order
+    draws: ClassVar[bool] = True       # its kind's ITM negatives and MLM masks come from the shared draws
 
     def __init__(self, lm_weight: float = 1.0) -> None:
         self.lm_weight = lm_weight
@@ -210,6 +211,7 @@ class AdditionTerm:
     all 3n rows in ONE fusion pass and one autograd.grad call, compared by `addition_loss`."""
 
     names = ("add",)
+    draws = False  # no random choice: at weight 0 it can be skipped without changing any other term
 
     def __init__(self, layers: tuple[int, ...], head: int | None, combine: str, normalize: str,
                  detach_parts: bool = False) -> None:
