@@ -74,6 +74,10 @@ def test_pretrain_rebuilds_a_base_and_the_demo_fine_tunes_it(tmp_path, monkeypat
     recipe = json.loads((out / "base" / "recipe.json").read_text())
     assert recipe["command"].startswith("hist-vlm demo --pretrain") and recipe["config"]["run"]["max_steps"] == 8
     assert recipe["final_log"]["step"] == 8
+    # stage 2 started from stage 1 (the tags tower), and the recipe says so
+    assert recipe["config"]["model"]["checkpoint"] == str(out / "pretrain_tags" / "checkpoints" / "step-00000008")
+    assert recipe["started_from"]["config"]["task"] == "tags" and recipe["started_from"]["final_log"]["step"] == 8
+    assert recipe["config"]["optim"]["freeze"] == ["visual_encoder.patch_embed"]
     # both fine-tunes started from the rebuilt base, not the shipped one
     for variant in ("baseline", "hist"):
         cfg = (out / "runs" / f"{variant}-seed0" / "config.yaml").read_text()

@@ -4,8 +4,9 @@ The paper never trains from scratch: it fine-tunes a model that already grounds 
 and shows that the HIST losses make composite queries "A and B" cover both objects. The demo
 has the same shape in the synthetic world:
 
-  base      a tiny ALBEF pretrained with the baseline losses (`demo_pretrain` preset), shipped
-            in the package (`hist_vlm/demo_base/`); `hist-vlm demo --pretrain` rebuilds it
+  base      a tiny ALBEF pretrained with the baseline losses (`demo_pretrain` preset) from a
+            vision tower taught the captions' words (`demo_tags`), shipped in the package
+            (`hist_vlm/demo_base/`); `hist-vlm demo --pretrain` rebuilds it
   baseline  the base fine-tuned with ITC + ITM + MLM on captions (`loss.schedule=off`)
   HIST      the same fine-tuning plus the phrase, subject and addition losses
 
@@ -36,6 +37,7 @@ from tqdm import tqdm
 #: the shipped pretrained base (package data): model.safetensors, config.json, vocab.txt, recipe.json
 DEMO_BASE = Path(__file__).resolve().parent / "demo_base"
 PRETRAIN_PRESET = "demo_pretrain"
+TAGS_PRESET = "demo_tags"       # stage 1 of the base, before PRETRAIN_PRESET
 FINETUNE_PRESET = "demo_finetune"
 
 #: (name, label, loss overrides): the main comparison, then the paper's Table 6 ablation
@@ -214,33 +216,42 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
 
 
 def pretrain_base(out_dir: Path, overrides: list[str] = ()) -> Path:
-    """Rebuild the demo's base: train the `demo_pretrain` preset (from scratch, baseline
-    losses) and package its final model as `OUT/base` (`package_base`). Copy that folder over
-    `hist_vlm/demo_base/` to ship it."""
+    """Rebuild the demo's base in its two stages: the `demo_tags` preset (the vision tower
+    learns which words the captions use), then `demo_pretrain` from its checkpoint (baseline
+    losses, stem frozen); package the final model as `OUT/base` (`package_base`). `overrides`
+    apply to both stages. Copy that folder over `hist_vlm/demo_base/` to ship it."""
     from hist_vlm.train.config import load_config
     from hist_vlm.train.loop import train
 
-    run_dir = out_dir / "pretrain"
-    cfg = load_config(PRETRAIN_PRESET, [f"run.dir={run_dir}", *overrides])
-    shutil.rmtree(run_dir, ignore_errors=True)
-    result = train(cfg, progress=True)
+    checkpoint = None
+    for preset, run_dir in ((TAGS_PRESET, out_dir / "pretrain_tags"), (PRETRAIN_PRESET, out_dir / "pretrain")):
+        start = [f"model.checkpoint={checkpoint}"] if checkpoint is not None else []
+        cfg = load_config(preset, [f"run.dir={run_dir}", *start, *overrides])
+        shutil.rmtree(run_dir, ignore_errors=True)
+        checkpoint = train(cfg, progress=True).checkpoint
     command = " ".join(["hist-vlm demo --pretrain", *(f"--set {o}" for o in overrides)])
-    return package_base(result.checkpoint, out_dir / "base", command)
+    return package_base(checkpoint, out_dir / "base", command)
 
 
 def package_base(checkpoint: Path, out: Path, command: str) -> Path:
     """A self-contained base folder from a training checkpoint: its model (weights, config,
     vocabulary) plus `recipe.json` (the command, the run's config and final log line).
     Written beside `out` and renamed, so a failed copy never leaves half a base."""
-    run_dir = checkpoint.parent.parent
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    import yaml
+
+    def stage(checkpoint: Path) -> dict:
+        run_dir = checkpoint.parent.parent
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        return {"checkpoint": checkpoint.name, "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
+                "final_log": log[-1] if log else {}}
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint / "model", tmp)
-    import yaml
-
-    recipe = {"command": command, "preset": PRETRAIN_PRESET, "checkpoint": checkpoint.name,
-              "config": yaml.safe_load((run_dir / "config.yaml").read_text()), "final_log": log[-1] if log else {}}
+    recipe = {"command": command, "preset": PRETRAIN_PRESET, **stage(checkpoint)}
+    start = recipe["config"]["model"].get("checkpoint")
+    if start and (Path(start) / "model").is_dir() and (Path(start).parent.parent / "config.yaml").is_file():
+        recipe["started_from"] = stage(Path(start))   # stage 1 (demo_tags): its config and final log
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

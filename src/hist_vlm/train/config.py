@@ -104,6 +104,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_accum: int = 1                    # micro-batches per optimizer step
     max_grad_norm: float | None = None     # clip the global gradient norm when set
+    #: parameter-name prefixes kept as loaded (e.g. `visual_encoder.patch_embed`: a stem taught by `task: tags`)
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _positive(self, "grad_accum")
@@ -164,12 +166,13 @@ class VqaConfig:
             raise ValueError("alpha > 0 needs distill=true (the momentum copies give the soft targets)")
 
 
-TASKS = ("hist", "vqa")
+TASKS = ("hist", "vqa", "tags")
 
 
 @dataclass
 class TrainConfig:
-    #: what is trained: "hist" (HIST / ALBEF objectives on `hist-vlm parse` output) or "vqa"
+    #: what is trained: "hist" (HIST / ALBEF objectives on `hist-vlm parse` output), "vqa", or
+    #: "tags" (a vision tower on which words the captions use, `hist_vlm.train.tags`)
     task: str = "hist"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

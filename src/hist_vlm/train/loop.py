@@ -45,7 +45,7 @@ from hist_vlm.train.config import ConfigError, TrainConfig
 from hist_vlm.train.data import prepare_data
 from hist_vlm.train.distributed import allreduce_gradients, broadcast_parameters
 from hist_vlm.train.model import build_model, check_checkpoint_given, derive_vocabulary
-from hist_vlm.train.optim import build_optimizer, build_scheduler, trainable_parameters
+from hist_vlm.train.optim import build_optimizer, build_scheduler, freeze, trainable_parameters
 
 
 @dataclass
@@ -253,6 +253,10 @@ def _task(cfg: TrainConfig, env: Environment, run_dir: Path, resume: bool):
         from hist_vlm.train.vqa import VqaTask
 
         return VqaTask(cfg, env, run_dir, resume)
+    if cfg.task == "tags":
+        from hist_vlm.train.tags import TagsTask
+
+        return TagsTask(cfg, env, run_dir, resume)
     return HistTask(cfg, env, run_dir, resume)
 
 
@@ -279,6 +283,7 @@ class Trainer:
         _seed_everything(cfg.run.seed)  # the same initial weights on every rank (and broadcast below)
 
         self.model = task.build_model().to(env.device)
+        freeze(self.model, cfg.optim.freeze)
         self.objective = task.objective(self.model).to(env.device)
         broadcast_parameters(self.model)
         broadcast_parameters(self.objective)

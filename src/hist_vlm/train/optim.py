@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hist_vlm.train.config import OptimConfig, ScheduleConfig
+from hist_vlm.train.config import ConfigError, OptimConfig, ScheduleConfig
 
 
 def trainable_parameters(*modules: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -20,6 +20,19 @@ def trainable_parameters(*modules: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 seen.add(id(p))
                 out.append((name, p))
     return out
+
+
+def freeze(model: nn.Module, prefixes: Iterable[str]) -> None:
+    """Keep the parameters whose names start with any of `prefixes` as loaded (`optim.freeze`);
+    a prefix that names no parameter is an error, not a silently trained part."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            raise ConfigError(f"optim.freeze: no parameter of the model is named {prefix!r} or below it")
+        for name, p in model.named_parameters():
+            if name in matched:
+                p.requires_grad_(False)
 
 
 def weight_decay_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
