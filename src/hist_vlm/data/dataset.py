@@ -119,7 +119,7 @@ class HistDataset(Dataset):
         #: every subject the corpus names, as (surface form, lemma), sorted: the swap draws
         self.subject_words = sorted({
             (rec.captions[ci][start:end], lemma) for rec in records for ci, start, end, lemma in rec.subject_spans
-        })
+        }) if swap_negatives > 0 else []
         self.crop = v2.RandomResizedCrop(
             image_size, scale=crop_scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
         )
