@@ -29,9 +29,7 @@ A diagnostic of the demo base's plateau (README, "The demo's base model"), in th
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -43,10 +41,12 @@ import yaml
 from PIL import Image
 from torch import Tensor, nn
 
+from hist_vlm.data.dataset import ImageRecord
 from hist_vlm.data.synthetic import SHAPES, generate_world
 from hist_vlm.eval.runner import eval_transform
 from hist_vlm.models import load_backbone
 from hist_vlm.models.albef import AlbefConfig, build_vision_encoder
+from hist_vlm.train.tags import caption_word_tags as word_tags
 
 DEMO_VISION = dict(image_size=64, patch_size=4, vision_width=64, vision_depth=2, vision_heads=2, init="fan_in",
                    momentum=False)
@@ -70,18 +70,13 @@ def presence_tags(world: Path, split: str, preprocess, words: bool = False) -> t
 
 
 def caption_word_tags(world: Path, split: str, images: list[str]) -> tuple[Tensor, list[str]]:
-    """([N, W] multi-hot, the W words): which words the image's captions use, over the words some but not
-    nearly all images use (1-99 %): shapes, colours, sizes, counts, relations. No parse and no
-    labels, only the captions."""
-    words_of = {}
+    """([N, W] multi-hot, the W words) of a world's split: `hist_vlm.train.tags.caption_word_tags`
+    (the words some but not nearly all images' captions use) on its captions file."""
+    captions = {}
     for line in (world / f"captions_{split}.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        words_of[rec["image"]] = set(re.findall(r"[a-z]+", " ".join(rec["captions"]).lower()))
-    counts = collections.Counter(w for image in images for w in words_of[image])
-    vocab = sorted(w for w, c in counts.items() if 0.01 <= c / len(images) <= 0.99)
-    tags = torch.zeros(len(images), len(vocab))
-    for row, image in enumerate(images):
-        tags[row, [vocab.index(w) for w in words_of[image] if w in vocab]] = 1
+        captions[rec["image"]] = tuple(rec["captions"])
+    vocab, tags = word_tags([ImageRecord(image, captions[image], (), ()) for image in images])
     return tags, vocab
 
 
