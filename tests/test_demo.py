@@ -47,6 +47,29 @@ def test_missing_config_is_a_one_line_error(tmp_path):
     assert "config file not found" in res.output and "presets: " in res.output
 
 
+def test_world_seed_reaches_the_settings_and_draws_another_world(tmp_path, monkeypatch):
+    import types
+
+    import hist_vlm.demo as demo_module
+    from hist_vlm.demo import DemoSettings, prepare_world
+
+    seen = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda settings: seen.append(settings) or types.SimpleNamespace(
+        table="table", figure=tmp_path / "f.png"))
+    res = CliRunner().invoke(app, ["demo", "--quick", "--world-seed", "3", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert seen[0].world_seed == 3
+    # a world of another seed is drawn afresh in the same folder, not reused
+    settings = DemoSettings(config=tmp_path, out_dir=tmp_path / "w", n_train=8, n_val=2, n_test=2)
+    captions = []
+    for seed in (0, 1):
+        settings.world_seed = seed
+        _, world = prepare_world(settings)
+        captions.append((world / "captions_train.jsonl").read_text())
+        assert json.loads((world / "demo_world.json").read_text())["seed"] == seed
+    assert captions[0] != captions[1]
+
+
 def test_table_reports_base_mean_std_and_paired_differences_in_percent():
     metrics = {v: {k: [0.1, 0.3] for k, _ in METRICS} for v in ("baseline", "hist")}
     metrics["hist"]["pointing"] = [0.5, 0.4]
