@@ -12,7 +12,9 @@ L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`tr
                           scale): the term is orders of magnitude below ITC, and G = 0 is a
                           trivial minimum; with the token-mean recipe a composite's map is
                           a mean over twice the tokens, so it is NOT naturally G_i + G_j
-            minmax        each map min-max scaled to [0, 1] first (SelfEQ's normalisation)
+            minmax        each map min-max scaled to [0, 1] first (SelfEQ's normalisation). SelfEQ
+                          averages its (smooth L1) loss over the cells; this sums over them, so
+                          the term grows with the grid: weigh it with lambda_add
             distribution  each side scaled to sum 1: |(G_i + G_j) / sum(G_i + G_j) - G_ij / sum(G_ij)|,
                           the L1 distance (in [0, 2]) between where the composite looks and where
                           its parts look together; free of the map scale and of the token count,
