@@ -96,3 +96,15 @@ def test_mean_auc_is_one_for_a_perfect_ranking_half_for_ties_and_zero_reversed()
     assert probe.mean_auc(tags * 2 - 1, tags) == 1.0
     assert probe.mean_auc(torch.zeros(4, 2), tags) == 0.5
     assert probe.mean_auc(1 - tags, tags) == 0.0
+
+
+def test_miss_locations_split_misses_by_what_the_point_falls_in():
+    probe = load_script("probe_miss_locations")
+    objects = {"q": [(10, 10, 20, 20)], "c": []}   # q's image holds one other object (xyxy)
+    rows = [
+        {"id": "q", "kind": "single", "hit": True, "point": [0, 0]},
+        {"id": "q", "kind": "single", "hit": False, "point": [15, 15]},   # inside the other object
+        {"id": "q", "kind": "single", "hit": False, "point": [20, 15]},   # on its edge: not strictly inside
+        {"id": "c", "kind": "composite", "hit": False, "point": [15, 15]},  # composites are not counted
+    ]
+    assert probe.miss_locations(rows, objects, "xyxy") == {"hit": 1, "another object": 1, "background": 1}
