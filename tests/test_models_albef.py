@@ -248,6 +248,21 @@ def test_fan_in_init_scales_every_linear_and_separates_texts():
         AlbefConfig(**TINY, init="xavier")
 
 
+def test_fan_in_text_init_keeps_timms_vision_init_and_draws_the_rest_as_fan_in():
+    """init="fan_in_text": the vision tower's Linears keep timm's ViT init (trunc-normal std
+    0.02, as with the default "bert"), every other Linear is drawn normal(0, 1/sqrt(fan_in))."""
+    fan_in, fan_in_text, bert = tiny(init="fan_in"), tiny(init="fan_in_text"), tiny()
+    fc = fan_in_text.visual_encoder.blocks[0].mlp.fc2                        # fan_in 128
+    assert fc.weight.std().item() < 0.025
+    torch.testing.assert_close(fc.weight, bert.visual_encoder.blocks[0].mlp.fc2.weight)
+    assert abs(fan_in.visual_encoder.blocks[0].mlp.fc2.weight.std().item() - fc.in_features ** -0.5) < 0.01
+    key = fan_in_text.text_encoder.bert.encoder.layer[3].crossattention.self.key
+    assert abs(key.weight.std().item() - key.in_features ** -0.5) < 0.03
+    for name in ("itm_head", "text_proj", "vision_proj"):
+        layer = getattr(fan_in_text, name)
+        assert abs(layer.weight.std().item() - layer.in_features ** -0.5) < 0.1
+
+
 def test_conv_stem_keeps_the_token_grid_and_each_sample_its_own_tokens(tmp_path):
     """patch_embed="conv": a stride-2 convolution stem (timm ConvStem + HybridEmbed) gives the
     same patch grid as patchify, sees across patch borders, and (LayerNorm, no BatchNorm) a

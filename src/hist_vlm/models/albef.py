@@ -60,7 +60,7 @@ _ALIASES = {
 }
 
 
-INITS = ("bert", "fan_in")
+INITS = ("bert", "fan_in", "fan_in_text")
 PATCH_EMBEDS = ("linear", "conv")
 POS_EMBED_INITS = ("normal", "sincos")
 VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) travels with it
@@ -107,7 +107,10 @@ class AlbefConfig:
     #: initialisation of a model trained from scratch: "bert" = normal(0, 0.02) for every
     #: Linear (BERT/timm, tuned for width 768); "fan_in" = normal(0, 1/sqrt(fan_in)), which
     #: keeps each layer's residual branch at the scale of its input at any width (at width 64
-    #: std 0.02 makes every layer nearly the identity and all texts one feature)
+    #: std 0.02 makes every layer nearly the identity and all texts one feature);
+    #: "fan_in_text" = "fan_in" for every Linear but the vision tower's, which keeps timm's
+    #: ViT init (trunc-normal std 0.02: its blocks start near the identity, so a tower trained
+    #: from scratch starts as its patch embedding)
     init: str = "bert"
     #: the vision tower's initial position embeddings: "normal" = timm's trunc-normal std 0.02
     #: (ALBEF's; a pretrained checkpoint overwrites it anyway); "sincos" = the 2D sin-cos table
@@ -546,8 +549,10 @@ class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text_width, 2)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
-        if cfg.init == "fan_in":
-            self.apply(_init_fan_in)
+        if cfg.init in ("fan_in", "fan_in_text"):
+            for name, part in self.named_children():
+                if not (name == "visual_encoder" and cfg.init == "fan_in_text"):
+                    part.apply(_init_fan_in)
         if cfg.momentum:
             for name in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
                 twin = copy.deepcopy(getattr(self, name)).requires_grad_(False)
