@@ -48,8 +48,9 @@ from hist_vlm.models import load_backbone
 from hist_vlm.models.albef import AlbefConfig, build_vision_encoder
 from hist_vlm.train.tags import caption_word_tags as word_tags
 
-DEMO_VISION = dict(image_size=64, patch_size=4, vision_width=64, vision_depth=2, vision_heads=2, init="fan_in",
-                   momentum=False)
+#: the demo's vision sizes; the tower keeps timm's ViT init (`build_vision_encoder` draws no
+#: other), as the trainer's `init: fan_in_text` does
+DEMO_VISION = dict(image_size=64, patch_size=4, vision_width=64, vision_depth=2, vision_heads=2, momentum=False)
 PRIOR_ENTROPY = 0.662   # binary entropy of the share of scenes holding a given shape (~3 of 8)
 
 
