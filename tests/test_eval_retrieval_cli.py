@@ -82,7 +82,7 @@ def test_eval_retrieval_on_the_synthetic_world(setup):
     assert result["metrics"]["txt_r1"] == pytest.approx(100 * np.mean(i2t < 1))
     assert result["metrics"]["img_r5"] == pytest.approx(100 * np.mean(t2i < 5))
     assert result["metrics"]["r_mean"] == pytest.approx((result["metrics"]["txt_r_mean"] + result["metrics"]["img_r_mean"]) / 2)
-    assert not list(out.parent.glob(".*.tmp"))  # the atomic write left no temp file
+    assert not list(out.parent.glob(".*.tmp-*"))  # the atomic write left no temp file
 
 
 def test_eval_retrieval_coco_layout_and_image_errors(setup, tmp_path):

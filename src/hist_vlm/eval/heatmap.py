@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from hist_vlm._io import atomic_path
 from hist_vlm.eval.pointing import TOP_K, pointing_point, to_xyxy, top_k_points, upsample_map
 
 
@@ -173,16 +174,10 @@ def save_heatmap_grid(
 
 def save_figure(fig, out: str | Path, dpi: int) -> None:
     """Rendered beside `out` and renamed into place: never a half-written figure."""
-    import os
-
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")  # the suffix picks the format
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # the temp keeps `out`'s suffix, which picks the format
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)

@@ -12,8 +12,6 @@ protocol of `hist_vlm.models.base`, so ALBEF and BLIP run through the same code;
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -24,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from hist_vlm._io import atomic_file
 from hist_vlm.data.retrieval import RetrievalCorpus
 from hist_vlm.losses.itc import similarity
 
@@ -253,17 +252,9 @@ class RetrievalReport:
     def write_json(self, path: str | Path, **extra) -> None:
         """`to_json()` plus `extra` keys, written to a temp file beside `path` and renamed:
         an interrupted write leaves `path` as it was."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({**extra, **self.to_json()}, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "w") as f:
+            json.dump({**extra, **self.to_json()}, f, indent=1)
+            f.write("\n")
 
 
 def _ranks_json(ranks: np.ndarray) -> list[int | None]:

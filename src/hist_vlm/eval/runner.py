@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from hist_vlm._io import atomic_file
 from hist_vlm.data.grounding import GroundingRecord
 from hist_vlm.eval.pointing import (
     Accuracy,
@@ -271,12 +272,13 @@ def map_batches(records: Sequence[GroundingRecord], source: MapSource, *, batch_
 
 @contextlib.contextmanager
 def jsonl_sink(out: str | Path | None):
-    """A `write(dict)` that appends JSON lines to `out` (a no-op without `out`)."""
+    """A `write(dict)` that appends JSON lines to `out` (a no-op without `out`): streamed to a
+    temp beside `out` as the evaluation goes, renamed onto `out` when it ends, so a failed or
+    interrupted run leaves the previous `out` intact."""
     if out is None:
         yield lambda row: None
         return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with Path(out).open("w") as f:
+    with atomic_file(out, "w") as f:
         yield lambda row: f.write(json.dumps(row) + "\n")
 
 

@@ -8,13 +8,12 @@ stays bounded by the parser's look-ahead. Never imports torch.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from hist_vlm._io import atomic_file
 from hist_vlm.text.pairs import pairs_for_image
 from hist_vlm.text.types import CaptionParser, Phrase
 
@@ -114,21 +113,13 @@ def parse_images(
 
 def atomic_write_jsonl(path: str | Path, records: Iterable[ImageRecord]) -> int:
     """Write one JSON line per record to a temp file beside `path`, then `os.replace` it: an
-    exception or Ctrl-C leaves `path` as it was (absent or the previous version)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    exception or Ctrl-C leaves `path` as it was (absent or the previous version). Its folder
+    must exist (as before; a missing one is a FileNotFoundError, reported by `hist-vlm parse`)."""
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", parents=False) as f:
+        for rec in records:
+            f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 

@@ -8,13 +8,13 @@ Layout of `RUN/checkpoints/step-00001234/`:
     rng.pt                          python / numpy / torch / cuda RNG states, one entry per rank
     state.json                      data position: epoch, step in epoch, global step, sampler seed
     config.yaml                     the resolved training config
-A checkpoint is built in a hidden temp dir beside its final name and renamed into place, so a
-kill at any moment leaves either the previous checkpoints or a complete new one.
+A checkpoint is built in a hidden temp dir beside its final name and renamed into place
+(`hist_vlm._io.atomic_dir`), so a kill at any moment leaves either the previous checkpoints or a
+complete new one; the next save removes what a killed one left.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -26,6 +26,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, load_model, save_file
 from torch import nn
+
+from hist_vlm._io import atomic_dir, remove_stale_temps
 
 _PREFIX = "step-"
 _WEIGHTS = "model.safetensors"
@@ -120,25 +122,20 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step-<global_step>` atomically and keep only the newest `keep`."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{position.global_step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model")
-    save_file(_loss_state(objective, model), str(tmp / "loss.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_states, tmp / "rng.pt")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / "state.json").write_text(json.dumps(asdict(position), indent=2))  # written last: marks complete
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:  # hidden `.step-...tmp-<pid>` until complete, then renamed
+        model.save_pretrained(tmp / "model")
+        save_file(_loss_state(objective, model), str(tmp / "loss.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_states, tmp / "rng.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "state.json").write_text(json.dumps(asdict(position), indent=2))  # written last: marks complete
     for old in sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir())[:-keep]:
         shutil.rmtree(old)
-    for stale in root.glob(".tmp-*"):   # left behind by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(root)  # left behind by a killed save of any step
+    for legacy in root.glob(".tmp-*"):  # the temp names of saves before `atomic_dir`
+        shutil.rmtree(legacy, ignore_errors=True)
     return final
 
 
