@@ -19,7 +19,7 @@ from hist_vlm.models.albef_vqa import AlbefVqaModel
 from hist_vlm.batch import TextRows
 from hist_vlm.data.vqa import VqaBatch
 from hist_vlm.train.config import VqaConfig
-from hist_vlm.train.vqa import VqaObjective
+from hist_vlm.train.tasks.vqa import VqaObjective
 
 SIZES = {
     "tiny": dict(image_size=64, patch_size=8, vision_width=64, vision_depth=2, vision_heads=2, text_width=64,

@@ -11,7 +11,7 @@ from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.models import get_backbone, load_backbone
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import MomentumTwin, VisionLanguageBackbone
-from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
 from losses_fixtures import BACKBONES, tiny_backbone
 from train_helpers import tiny_overrides, write_world
 
@@ -70,7 +70,8 @@ def test_one_training_step_then_the_checkpoint_evaluates_as_the_trained_model(na
     """Train one step, load RUN/checkpoints/step-N as eval does: the same GradCAM maps as the
     model in memory (a loader that hands back a fresh random model fails this)."""
     from hist_vlm.train.config import load_config
-    from hist_vlm.train.loop import Trainer, setup_environment
+    from hist_vlm.train.distributed import setup_environment
+    from hist_vlm.train.loop import Trainer
 
     entry, size = get_backbone(name), tiny_backbone(name).image_size
     phrases, images = write_world(tmp_path, size=size)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hist_vlm.cli import INSTALL_TRAIN_EXTRA, NEEDS_TRAIN_EXTRA, TRAIN_EXTRA_MODULES
+from hist_vlm.cli.app import INSTALL_TRAIN_EXTRA, NEEDS_TRAIN_EXTRA, TRAIN_EXTRA_MODULES
 
 REPO = Path(__file__).resolve().parent.parent
 # `import torch` fails as it does on an install without the extra

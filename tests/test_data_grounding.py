@@ -12,7 +12,7 @@ from hist_vlm.data.grounding import (
     read_refer,
     read_synthetic,
 )
-from hist_vlm.data.synthetic import generate_world
+from hist_vlm.demo.synthetic import generate_world
 
 
 def _write_refer(root: Path, dataset: str, refs: list[dict], images: list[dict], anns: list[dict], protocol=2):

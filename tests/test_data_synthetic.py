@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hist_vlm.data.synthetic import (
+from hist_vlm.demo.synthetic import (
     COLOURS,
     SHAPES,
     WorldConfig,

@@ -5,7 +5,7 @@ import math
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
-from hist_vlm.demo import ABLATION, METRICS, format_table, layers_label
+from hist_vlm.demo.run import ABLATION, METRICS, format_table, layers_label
 
 
 
@@ -50,8 +50,8 @@ def test_missing_config_is_a_one_line_error(tmp_path):
 def test_world_seed_reaches_the_settings_and_draws_another_world(tmp_path, monkeypatch):
     import types
 
-    import hist_vlm.demo as demo_module
-    from hist_vlm.demo import DemoSettings, prepare_world
+    import hist_vlm.demo.run as demo_module
+    from hist_vlm.demo.run import DemoSettings, prepare_world
 
     seen = []
     monkeypatch.setattr(demo_module, "run_demo", lambda settings: seen.append(settings) or types.SimpleNamespace(
@@ -115,10 +115,10 @@ def test_a_folder_without_a_model_is_a_one_line_error(tmp_path):
 
 def _tiny_runs(tmp_path, names_and_seeds, *extra):
     from hist_vlm.train.config import load_config
-    from train_helpers import CONFIGS, tiny_overrides, write_world
+    from train_helpers import DEMO_CONFIGS, tiny_overrides, write_world
 
     world = write_world(tmp_path / "world", n_images=8)
-    return {name: load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(*world, tmp_path / name, f"run.seed={seed}",
+    return {name: load_config(DEMO_CONFIGS / "demo_tiny.yaml", tiny_overrides(*world, tmp_path / name, f"run.seed={seed}",
                                                                          "run.max_steps=3", *extra))
             for name, seed in names_and_seeds}
 
@@ -134,7 +134,7 @@ def _weights(run_dir):
 def test_parallel_runs_train_each_config_exactly_and_reuse_finished_ones(tmp_path, capsys):
     import torch
 
-    from hist_vlm.demo import train_runs
+    from hist_vlm.demo.run import train_runs
     from hist_vlm.train.loop import train
 
     runs = _tiny_runs(tmp_path, [("a", 0), ("b", 1), ("ref", 1)])
@@ -162,7 +162,7 @@ def test_parallel_runs_train_each_config_exactly_and_reuse_finished_ones(tmp_pat
 def test_a_failing_parallel_run_raises_its_own_error_and_is_not_stamped(tmp_path):
     import pytest
 
-    from hist_vlm.demo import train_runs
+    from hist_vlm.demo.run import train_runs
     from hist_vlm.train.config import ConfigError
 
     runs = _tiny_runs(tmp_path, [("bad", 0)], f"data.phrases={tmp_path / 'missing.jsonl'}")

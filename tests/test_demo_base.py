@@ -2,10 +2,10 @@
 import json
 
 from hist_vlm.data.grounding import read_synthetic
-from hist_vlm.data.synthetic import generate_world
+from hist_vlm.demo.synthetic import generate_world
 from hist_vlm.eval.runner import GradcamMaps, evaluate
 from hist_vlm.models import load_backbone
-from hist_vlm.models.registry import PACKAGED
+from hist_vlm.plugins import packaged_models
 
 #: chance on the synthetic test scenes: random maps 4.5 %, a centre peak 9.4 %; the shipped
 #: base scores 75.4 % on the demo's 640 test scenes at mean(L0, L1), the layers the demo chose
@@ -16,7 +16,7 @@ POINTING_FLOOR = 0.65
 
 def test_shipped_base_loads_by_name_and_grounds_test_scenes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found from any directory
-    base = PACKAGED["demo_base"]
+    base = packaged_models()["demo_base"]
     recipe = json.loads((base / "recipe.json").read_text())
     assert recipe["command"].startswith("hist-vlm demo --pretrain") and recipe["preset"] == "demo_pretrain"
     assert recipe["started_from"]["config"]["task"] == "tags"  # stage 1, recorded with its config

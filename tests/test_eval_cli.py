@@ -6,7 +6,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
-from hist_vlm.data.synthetic import generate_world
+from hist_vlm.demo.synthetic import generate_world
 
 def _run(argv):
     # wide terminal: error boxes must not wrap the long temporary paths

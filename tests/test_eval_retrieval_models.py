@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from hist_vlm.data.retrieval import read_caption_corpus
-from hist_vlm.data.synthetic import generate_world
+from hist_vlm.demo.synthetic import generate_world
 from hist_vlm.eval.retrieval import NOT_RERANKED, evaluate_retrieval
 from hist_vlm.eval.runner import eval_transform
 from hist_vlm.batch import TextRows

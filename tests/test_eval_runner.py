@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from hist_vlm.data.grounding import GroundingRecord, read_synthetic
-from hist_vlm.data.synthetic import generate_world
+from hist_vlm.demo.synthetic import generate_world
 from hist_vlm.eval.runner import EvalReport, GradcamMaps, evaluate
 
 

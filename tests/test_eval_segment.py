@@ -176,7 +176,7 @@ def test_ciou_and_mean_iou_on_hand_made_masks(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from hist_vlm.data.synthetic import generate_world
+    from hist_vlm.demo.synthetic import generate_world
     from hist_vlm.models import build_backbone
     from hist_vlm.train.config import load_config
 

@@ -205,7 +205,7 @@ run: {dir: RUNDIR, log_every: 1, save_every: 1000, max_steps: 2}
 
 def test_cli_trains_a_tiny_blip2_then_evaluates_its_checkpoint(tmp_path):
     from hist_vlm.cli import app
-    from hist_vlm.data.synthetic import generate_world
+    from hist_vlm.demo.synthetic import generate_world
 
     phrases, images = write_world(tmp_path, size=32)
     config = tmp_path / "blip2_tiny.yaml"

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hist_vlm.cli import app
-from hist_vlm.models.registry import PACKAGED
+from hist_vlm.plugins import packaged_models
 from hist_vlm.train.config import load_config
 from train_helpers import read_log
 
@@ -38,7 +38,7 @@ def test_finetune_from_the_demo_base_then_evaluate(tmp_path):
     assert all(r["itc"] > 0.1 and r["itm"] > 0.1 for r in log)
 
     ckpt = run / "checkpoints" / "step-00000003"
-    base = load_file(PACKAGED["demo_base"] / "model.safetensors")
+    base = load_file(packaged_models()["demo_base"] / "model.safetensors")
     tuned = load_file(next(ckpt.rglob("model.safetensors")))
     head = [k for k in base if "cls.predictions.transform" in k]
     assert head and all(torch.equal(base[k], tuned[k]) for k in head)  # no MLM: its head gets no gradient

@@ -6,7 +6,7 @@ import torch
 from hist_vlm.data.dataset import read_parse_output
 from hist_vlm.losses.hist import HistLossConfig
 from hist_vlm.losses.mlm import mask_tokens
-from hist_vlm.train.loop import subject_token_ids
+from hist_vlm.train.tasks.hist import subject_token_ids
 from losses_fixtures import tiny_albef
 from train_helpers import SHAPES, write_world
 

@@ -14,9 +14,9 @@ from hist_vlm.cli import app
 from hist_vlm.train.checkpoint import latest_checkpoint
 from hist_vlm.train.config import load_config
 from hist_vlm.train.loop import train
-from train_helpers import CONFIGS, read_log, tiny_overrides, write_world
+from train_helpers import DEMO_CONFIGS, read_log, tiny_overrides, write_world
 
-DEMO = str(CONFIGS / "demo_tiny.yaml")
+DEMO = str(DEMO_CONFIGS / "demo_tiny.yaml")
 
 
 @pytest.mark.parametrize("args, message", [

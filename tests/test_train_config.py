@@ -1,15 +1,12 @@
-from pathlib import Path
-
 import pytest
 
 from hist_vlm.train.config import ConfigError, TrainConfig, load_config
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from train_helpers import CONFIGS, DEMO_CONFIGS
 
 
 @pytest.mark.parametrize("name", ["demo_tiny", "albef_coco", "albef_vg", "blip_coco"])
 def test_presets_load(name):
-    cfg = load_config(CONFIGS / f"{name}.yaml")
+    cfg = load_config((DEMO_CONFIGS if name.startswith("demo_") else CONFIGS) / f"{name}.yaml")
     assert isinstance(cfg, TrainConfig)
     assert cfg.optim.weight_decay == 0.02 and cfg.loss.capture_head is None
 
@@ -23,7 +20,7 @@ def test_presets_hold_the_paper_settings():
     assert blip.loss.capture_layers == (8,)                                    # 9th cross-attention layer
     vg = load_config(CONFIGS / "albef_vg.yaml")
     assert vg.data.phrases != albef.data.phrases and vg.loss == albef.loss
-    demo = load_config(CONFIGS / "demo_tiny.yaml")
+    demo = load_config(DEMO_CONFIGS / "demo_tiny.yaml")
     assert demo.data.synthetic.enabled and demo.run.device == "auto"
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from hist_vlm.train.config import load_config
 from hist_vlm.train.loop import train
-from train_helpers import CONFIGS, read_log, tiny_overrides, write_world
+from train_helpers import DEMO_CONFIGS, read_log, tiny_overrides, write_world
 
 TERMS = ("loss", "itc", "itm", "mlm", "phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add")
 
@@ -24,13 +24,13 @@ TERMS = ("loss", "itc", "itm", "mlm", "phrase_itc", "phrase_itm", "phrase_mlm", 
 def test_two_processes_match_one_process(tmp_path):
     world = write_world(tmp_path / "world", n_images=16, size=40)
     common = ("run.max_steps=3", "data.pad_to_max_length=true", "run.save_every=1", "run.keep_checkpoints=3")
-    one = load_config(CONFIGS / "demo_tiny.yaml",
+    one = load_config(DEMO_CONFIGS / "demo_tiny.yaml",
                       tiny_overrides(*world, tmp_path / "one", *common, "loss.itm_group_size=2"))
     train(one, progress=False)                                   # batch 4 on one process
 
     cli = Path(sys.executable).parent / "hist-vlm"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(cli),
-           "train", str(CONFIGS / "demo_tiny.yaml"),
+           "train", str(DEMO_CONFIGS / "demo_tiny.yaml"),
            *tiny_overrides(*world, tmp_path / "two", *common, "data.batch_size=2")]   # 2 x 2 images
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # own session: on a timeout the workers are killed with the launcher, not left hanging

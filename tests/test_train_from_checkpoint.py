@@ -7,15 +7,15 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import hist_vlm.train.loop as loop
+import hist_vlm.train.tasks.hist as hist_task
 from hist_vlm.cli import app
 from hist_vlm.models import load_backbone
 from hist_vlm.models.registry import expected_formats
 from hist_vlm.train.config import load_config
 from hist_vlm.train.loop import train
-from train_helpers import CONFIGS, tiny_overrides, write_world
+from train_helpers import DEMO_CONFIGS, tiny_overrides, write_world
 
-DEMO = CONFIGS / "demo_tiny.yaml"
+DEMO = DEMO_CONFIGS / "demo_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +29,14 @@ def first_run(tmp_path_factory):
 def _capture_initial_weights(monkeypatch) -> dict:
     """The state of the model the loop builds, copied before its first step."""
     seen = {}
-    build = loop.build_model
+    build = hist_task.build_model
 
     def spy(*args, **kwargs):
         model = build(*args, **kwargs)
         seen.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return model
 
-    monkeypatch.setattr(loop, "build_model", spy)
+    monkeypatch.setattr(hist_task, "build_model", spy)
     return seen
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from hist_vlm.train.checkpoint import latest_checkpoint
 from hist_vlm.train.config import ConfigError, load_config
 from hist_vlm.train.loop import train
-from train_helpers import CONFIGS, read_log, tiny_overrides, write_world
+from train_helpers import DEMO_CONFIGS, read_log, tiny_overrides, write_world
 
 TERMS = ("loss", "itc", "itm", "mlm", "phrase_itc", "phrase_itm", "phrase_mlm", "subject_itc", "subject_itm", "add")
 
@@ -21,7 +21,7 @@ def world(tmp_path_factory):
 
 
 def config(world, run_dir, *extra):
-    return load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(*world, run_dir, *extra))
+    return load_config(DEMO_CONFIGS / "demo_tiny.yaml", tiny_overrides(*world, run_dir, *extra))
 
 
 def printed_steps(text: str) -> list[int]:

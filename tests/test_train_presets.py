@@ -7,23 +7,30 @@ from typer.testing import CliRunner
 from hist_vlm.cli import app
 from hist_vlm.cli.demo import DEFAULT_CONFIG
 from hist_vlm.train.config import ConfigError, load_config, preset_names, resolve_config
-from train_helpers import CONFIGS, tiny_overrides, write_world
+from train_helpers import CONFIGS, DEMO_CONFIGS, tiny_overrides, write_world
 
-PACKAGED = Path(__import__("hist_vlm").__file__).parent / "configs"
+LIBRARY = Path(__import__("hist_vlm").__file__).parent / "configs"
+DEMO = Path(__import__("hist_vlm").__file__).parent / "demo" / "configs"   # the demo plugin's
+
+
+def packaged(name: str) -> Path:
+    return LIBRARY / f"{name}.yaml" if name[:5] != "demo_" else DEMO / f"{name}.yaml"
 
 
 def test_presets_are_the_packaged_yaml_files():
     names = preset_names()
-    assert names == sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+    assert names == sorted(p.stem for folder in (LIBRARY, DEMO) for p in folder.glob("*.yaml"))
+    assert all(p.stem.startswith("demo_") for p in DEMO.glob("*.yaml"))
     assert {"demo_tiny", "albef_coco", "albef_vg", "blip_coco"} <= set(names)
 
 
 def test_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in preset_names():
-        assert resolve_config(name) == PACKAGED / f"{name}.yaml"
-        assert resolve_config(f"{name}.yaml") == PACKAGED / f"{name}.yaml"
-        assert load_config(name).to_dict() == load_config(CONFIGS / f"{name}.yaml").to_dict()
+        assert resolve_config(name) == packaged(name)
+        assert resolve_config(f"{name}.yaml") == packaged(name)
+        folder = DEMO_CONFIGS if name.startswith("demo_") else CONFIGS
+        assert load_config(name).to_dict() == load_config(folder / f"{name}.yaml").to_dict()
     assert load_config("albef_coco", ["optim.lr=1e-5"]).optim.lr == 1e-5
 
 
@@ -58,7 +65,7 @@ def test_train_preset_by_name_from_another_directory(tmp_path, monkeypatch):
 
 def test_demo_and_eval_resolve_presets_without_the_repository(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve_config(DEFAULT_CONFIG).parent == PACKAGED
+    assert resolve_config(DEFAULT_CONFIG).parent == DEMO
     res = CliRunner().invoke(app, ["demo", "--config", "nowhere", "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "presets: " in res.output and not (tmp_path / "out").exists()
     # the config is found by name; what fails is the (missing) checkpoint

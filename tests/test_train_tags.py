@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 from hist_vlm.data.dataset import ImageRecord
 from hist_vlm.train.config import ConfigError, load_config
 from hist_vlm.train.loop import train
-from hist_vlm.train.tags import CaptionWordTagsLoss, caption_word_tags
+from hist_vlm.demo.tags import CaptionWordTagsLoss, caption_word_tags
 from losses_fixtures import hist_batch, tiny_albef
-from train_helpers import CONFIGS, read_log, tiny_overrides, write_world
+from train_helpers import DEMO_CONFIGS, read_log, tiny_overrides, write_world
 
 
 def test_tags_are_the_caption_words_that_tell_images_apart():
@@ -41,12 +41,12 @@ def world(tmp_path_factory):
 
 def test_a_tags_run_trains_the_vision_tower_only_and_stage_2_keeps_the_frozen_stem(world, tmp_path):
     tags_dir, caps_dir = tmp_path / "tags", tmp_path / "captions"
-    first = train(load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(
+    first = train(load_config(DEMO_CONFIGS / "demo_tiny.yaml", tiny_overrides(
         *world, tags_dir, "task=tags", "run.max_steps=3", "model.derive_vocab=true")), progress=False)
     log = read_log(tags_dir)
     assert [r["step"] for r in log] == [1, 2, 3] and all(0 < r["tags"] == r["loss"] for r in log)
     # only the vision tower had a gradient: the text side is exactly its initialisation
-    init = train(load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(
+    init = train(load_config(DEMO_CONFIGS / "demo_tiny.yaml", tiny_overrides(
         *world, tmp_path / "init", "task=tags", "run.max_steps=1", "optim.lr=1e-30", "model.derive_vocab=true")),
         progress=False)
     a = load_file(str(first.checkpoint / "model" / "model.safetensors"))
@@ -54,7 +54,7 @@ def test_a_tags_run_trains_the_vision_tower_only_and_stage_2_keeps_the_frozen_st
     moved = {k for k in a if not torch.equal(a[k], b[k])}
     assert moved and all(k.startswith("visual_encoder.") for k in moved)
 
-    second = train(load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(
+    second = train(load_config(DEMO_CONFIGS / "demo_tiny.yaml", tiny_overrides(
         *world, caps_dir, "run.max_steps=2", f"model.checkpoint={first.checkpoint}",
         "optim.freeze=[visual_encoder.patch_embed]")), progress=False)
     c = load_file(str(second.checkpoint / "model" / "model.safetensors"))
@@ -64,7 +64,7 @@ def test_a_tags_run_trains_the_vision_tower_only_and_stage_2_keeps_the_frozen_st
 
 
 def test_freezing_a_name_the_model_lacks_is_a_config_error(world, tmp_path):
-    cfg = load_config(CONFIGS / "demo_tiny.yaml", tiny_overrides(
+    cfg = load_config(DEMO_CONFIGS / "demo_tiny.yaml", tiny_overrides(
         *world, tmp_path / "r", "run.max_steps=1", "optim.freeze=[visual_encoder.stem_that_is_not]"))
     with pytest.raises(ConfigError, match="optim.freeze: no parameter .*stem_that_is_not"):
         train(cfg, progress=False)

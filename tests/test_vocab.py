@@ -20,9 +20,9 @@ from hist_vlm.models.tokenization import (
 )
 from hist_vlm.train.config import ConfigError, load_config
 from hist_vlm.train.loop import train
-from train_helpers import CONFIGS, _phrase, tiny_overrides, write_world
+from train_helpers import DEMO_CONFIGS, _phrase, tiny_overrides, write_world
 
-DEMO = CONFIGS / "demo_tiny.yaml"
+DEMO = DEMO_CONFIGS / "demo_tiny.yaml"
 # nothing like the demo world: other words, accents, digits, hyphens, CJK, capitals, punctuation
 NEW_CAPTIONS = [
     "Zwei Kühe grasen neben der Mühle.",

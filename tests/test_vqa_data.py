@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hist_vlm.data.synthetic_vqa import ANNOTATORS, answer_list, generate_vqa_world
+from hist_vlm.demo.synthetic_vqa import ANNOTATORS, answer_list, generate_vqa_world
 from hist_vlm.data.vqa import VqaFileError, read_answer_list, read_vqa_file
 
 

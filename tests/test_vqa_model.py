@@ -17,7 +17,7 @@ def _backbone(tmp_path, momentum=True) -> AlbefModel:
     cfg = AlbefConfig(image_size=16, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, text_width=32,
                       text_layers=4, text_heads=2, text_intermediate_size=64, fusion_layer=2, vocab_size=len(
                           build_vocab([WORDS])), max_position_embeddings=32, embed_dim=16, momentum=momentum,
-                      init="fan_in", vocab_file=str(vocab))
+                      vocab_file=str(vocab))
     torch.manual_seed(0)
     model = AlbefModel(cfg)
     if momentum:   # momentum copies that differ from the online weights, to see which one is copied

@@ -47,6 +47,7 @@ def write_world(root: Path, n_images: int = 8, size: int = 40, side_words: bool 
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_CONFIGS = Path(__file__).resolve().parent.parent / "src" / "hist_vlm" / "demo" / "configs"
 
 
 def tiny_overrides(phrases: Path, images: Path, run_dir: Path, *extra: str) -> list[str]:

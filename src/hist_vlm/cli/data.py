@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from hist_vlm.cli import app
+from hist_vlm.cli.app import app
 
 data_app = typer.Typer(help="Prepare benchmark data from the official downloads.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from hist_vlm.cli import app
+from hist_vlm.cli.app import app
 
 DEFAULT_CONFIG = "demo_finetune"  # a packaged preset: found by name from any directory
 
@@ -29,7 +29,7 @@ def demo(
     """Fine-tune the pretrained tiny base with and without HIST on synthetic scenes, evaluate
     base and both fine-tunes, print a table (mean ± std over seeds, paired differences) and
     save a heatmap comparison figure."""
-    from hist_vlm.demo import ABLATION, DEMO_BASE, DemoSettings, pretrain_base, run_demo
+    from hist_vlm.demo.run import ABLATION, DEMO_BASE, DemoSettings, pretrain_base, run_demo
     from hist_vlm.train.config import ConfigError, resolve_config
 
     try:

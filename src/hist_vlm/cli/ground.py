@@ -6,17 +6,18 @@ from typing import Optional
 
 import typer
 
-from hist_vlm.cli import app
+from hist_vlm.cli.app import app
+from hist_vlm.cli.common import CHECKPOINT, DEVICE, gradcam_source
 
 
 @app.command()
 def ground(
     image: Path = typer.Argument(..., help="An image file."),
     text: str = typer.Argument(..., help='What to find, e.g. "a dog and a frisbee".'),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth."),
+    checkpoint: Path = CHECKPOINT,
     out: Path = typer.Option(Path("heat.png"), "--out", help="The figure (PNG, PDF, ...)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Training preset name or config YAML (for its GradCAM layer/head)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    device: str = DEVICE,
     layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based."),
     head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
     combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
@@ -33,7 +34,6 @@ def ground(
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from hist_vlm.cli.eval import gradcam_source
     from hist_vlm.eval.heatmap import save_heatmap
 
     if not text.strip():

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from hist_vlm.cli import app
+from hist_vlm.cli.app import app
 
 SAMPLE = "sample_captions.jsonl"  # bundled in hist_vlm.data
 PREVIEW_IMAGES = 3
@@ -90,18 +90,12 @@ def parse(
     sample: bool = typer.Option(False, "--sample", help="Parse the bundled sample captions and show a few images."),
 ) -> None:
     """Parse captions into noun phrases, subjects and composite pairs (Algorithm 1)."""
-    from hist_vlm.data.captions import FORMATS, CaptionFileError, ReadStats, read_captions
-    from hist_vlm.text.cache import CachedParser, ParseCache
-    from hist_vlm.text.corpus import CorpusStats, atomic_write_jsonl, parse_images, read_records
-    from hist_vlm.text.llm_parser import LLMError
+    from hist_vlm.data.captions import FORMATS
 
     if text is not None:
         if input is not None or sample:
             raise _fail("--text parses one caption: give no INPUT and no --sample")
-        try:
-            _show_text(_make_parser(parser_kind, 1, llm_url, llm_model), text)
-        except LLMError as e:
-            raise _fail(str(e)) from None
+        _parse_text(text, parser_kind, llm_url, llm_model)
         return
     if sample:
         if input is not None:
@@ -120,7 +114,46 @@ def parse(
     if not input.is_file():
         raise _fail(f"{input}: no such file" if not input.exists() else f"{input}: not a file")
 
-    parser = _make_parser(parser_kind, workers, llm_url, llm_model)
+    parser, cache = _cached_parser(parser_kind, workers, llm_url, llm_model, cache_dir, no_cache)
+    if sample:
+        _parse_sample(input, out, parser, cache, seed, batch_size)
+    else:
+        _parse_file(input, fmt, out, parser, cache, seed, batch_size)
+
+
+def _parse_text(text: str, parser_kind: str, llm_url: str | None, llm_model: str | None) -> None:
+    """--text: parse one caption and print its phrases."""
+    from hist_vlm.text.llm_parser import LLMError
+
+    try:
+        _show_text(_make_parser(parser_kind, 1, llm_url, llm_model), text)
+    except LLMError as e:
+        raise _fail(str(e)) from None
+
+
+def _parse_sample(input: Path, out: Path | None, parser, cache, seed: int, batch_size: int) -> None:
+    """--sample: parse the bundled captions and show the first images; with --out, write them all
+    and print the summary too."""
+    from hist_vlm.text.corpus import read_records
+
+    stats, read_stats, preview = _stream(input, "jsonl", out, parser, cache, seed, batch_size)
+    _show_records(list(read_records(out))[:PREVIEW_IMAGES] if out is not None else preview)
+    if out is not None:
+        _summary(parser, stats, read_stats, out, cache)
+
+
+def _parse_file(input: Path, fmt: str, out: Path, parser, cache, seed: int, batch_size: int) -> None:
+    """INPUT --format --out: parse a caption file into OUT and print the summary."""
+    stats, read_stats, _ = _stream(input, fmt, out, parser, cache, seed, batch_size)
+    _summary(parser, stats, read_stats, out, cache)
+
+
+def _cached_parser(kind: str, workers: int, llm_url: str | None, llm_model: str | None,
+                   cache_dir: Path | None, no_cache: bool):
+    """(parser, parse cache or None): the parser of --parser behind the cache unless --no-cache."""
+    from hist_vlm.text.cache import CachedParser, ParseCache
+
+    parser = _make_parser(kind, workers, llm_url, llm_model)
     cache = None
     try:
         if not no_cache:
@@ -128,10 +161,21 @@ def parse(
             parser = CachedParser(parser, cache)
     except (OSError, sqlite3.Error) as e:
         raise _fail(f"cannot open the parse cache: {e}") from None
+    return parser, cache
 
+
+def _stream(input: Path, fmt: str, out: Path | None, parser, cache, seed: int, batch_size: int):
+    """Parse INPUT image by image behind a progress bar into OUT (atomically), or, with no OUT, only
+    the first PREVIEW_IMAGES images -> (corpus stats, read stats, those images or None). Closes the
+    cache; a failure is one error line (exit code 2), an interrupt exit code 130."""
     from tqdm import tqdm
 
+    from hist_vlm.data.captions import CaptionFileError, ReadStats, read_captions
+    from hist_vlm.text.corpus import CorpusStats, atomic_write_jsonl, parse_images
+    from hist_vlm.text.llm_parser import LLMError
+
     read_stats, stats = ReadStats(), CorpusStats()
+    preview = None
     bar = tqdm(unit=" captions", desc="parsing", dynamic_ncols=True)
     records = parse_images(read_captions(input, fmt, read_stats), parser, seed, batch_size, stats, bar.update)
     try:
@@ -158,12 +202,7 @@ def parse(
         bar.close()
         if cache is not None:
             cache.close()
-
-    if sample:
-        _show_records(list(read_records(out))[:PREVIEW_IMAGES] if out is not None else preview)
-        if out is None:
-            return
-    _summary(parser, stats, read_stats, out, cache)
+    return stats, read_stats, preview
 
 
 def _summary(parser, stats, read_stats, out: Path, cache) -> None:

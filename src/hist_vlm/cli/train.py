@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from hist_vlm.cli import app
+from hist_vlm.cli.app import app
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})

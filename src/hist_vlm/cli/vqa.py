@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from hist_vlm.cli.eval import CHECKPOINT, CONFIG, DEVICE, NUM_WORKERS, eval_app, resolve_device
+from hist_vlm.cli.common import CHECKPOINT, CONFIG, DEVICE, NUM_WORKERS, resolve_device
+from hist_vlm.cli.eval import eval_app
 
 
 @eval_app.command("vqa")

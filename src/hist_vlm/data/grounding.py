@@ -8,7 +8,7 @@ Formats (docs/reference_code.md, "Evaluation data formats"):
 - Flickr30k Entities in info-ground's layout: `<split>.txt` (image ids), `bounding_boxes_<split>.json`,
   `sentences_<split>.json`; every phrase whose id has an entry in the boxes counts (as SelfEQ);
   boxes are [x1, y1, x2, y2], any box may be hit; sizes are read from the image headers.
-- The synthetic world's `grounding.jsonl` (hist_vlm.data.synthetic), xyxy boxes plus id masks.
+- The synthetic world's `grounding.jsonl` (hist_vlm.demo.synthetic), xyxy boxes plus id masks.
 
 Bad or missing files raise `GroundingFileError` with a one-line message naming the file.
 """

@@ -19,9 +19,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import HybridEmbed, LayerNorm2d, build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import (
@@ -60,10 +58,11 @@ _ALIASES = {
 }
 
 
-INITS = ("bert", "fan_in", "fan_in_text")
-PATCH_EMBEDS = ("linear", "conv")
-POS_EMBED_INITS = ("normal", "sincos")
 VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) travels with it
+#: config keys of folders saved by earlier versions that AlbefConfig no longer has, and the value
+#: at which each describes plain ALBEF (None: any value; it only chose a from-scratch init, which
+#: loaded weights replace). docs/experiments.md, "Options removed from the library".
+RETIRED_KEYS = {"init": None, "pos_embed_init": None, "patch_embed": "linear", "conv_stem_extra": 0}
 
 
 @dataclass
@@ -76,19 +75,6 @@ class AlbefConfig:
     vision_depth: int = 12
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
-    #: how pixels become patch tokens: "linear" = ViT's patchify (one patch_size x patch_size
-    #: convolution, ALBEF's); "conv" = log2(patch_size) 3x3 stride-2 convolutions (timm's
-    #: ConvStem + HybridEmbed, Xiao et al. 2021), whose overlapping receptive fields see an object
-    #: that falls across a patch border; LayerNorm, not BatchNorm, so a sample's tokens never
-    #: depend on its batch (GradCAM batching and DDP stay exact). Measured for the demo base,
-    #: it points far worse than patchify (README, "The demo's base model")
-    patch_embed: str = "linear"
-    #: with patch_embed "conv": stride-1 3x3 convolutions added before each stride-2 one. Each
-    #: widens a token's receptive field (at patch 4: 7 px with none, 13 px with 1, 19 px with 2)
-    #: at the same grid, so a token can see an object's outline and not only its colour.
-    #: Measured: with 1, the demo's tower learns shapes from labels (93 % against 18-39 % for
-    #: patchify) but not from the demo's captions (README, "The demo's base model")
-    conv_stem_extra: int = 0
     text_width: int = 768
     text_layers: int = 12
     text_heads: int = 12
@@ -104,21 +90,6 @@ class AlbefConfig:
     attention_dropout: float = 0.1
     text_layer_norm_eps: float = 1e-12
     max_length: int | None = 25    # default tokenizer truncation, counts [CLS]
-    #: initialisation of a model trained from scratch: "bert" = normal(0, 0.02) for every
-    #: Linear (BERT/timm, tuned for width 768); "fan_in" = normal(0, 1/sqrt(fan_in)), which
-    #: keeps each layer's residual branch at the scale of its input at any width (at width 64
-    #: std 0.02 makes every layer nearly the identity and all texts one feature);
-    #: "fan_in_text" = "fan_in" for every Linear but the vision tower's, which keeps timm's
-    #: ViT init (trunc-normal std 0.02: its blocks start near the identity, so a tower trained
-    #: from scratch starts as its patch embedding)
-    init: str = "bert"
-    #: the vision tower's initial position embeddings: "normal" = timm's trunc-normal std 0.02
-    #: (ALBEF's; a pretrained checkpoint overwrites it anyway); "sincos" = the 2D sin-cos table
-    #: of MAE / MoCo v3, still learnable. From scratch at width 64, "normal" positions stayed
-    #: an eighth of a patch token's norm and never became spatial (neighbouring and far patches
-    #: equally similar), and the model learned colours but no shapes. Measured: "sincos" did not
-    #: make the demo base learn shapes either (README, "The demo's base model")
-    pos_embed_init: str = "normal"
     vocab_file: str | None = None  # None: bert-base-uncased from the pinned vocab package
 
     def __post_init__(self) -> None:
@@ -128,16 +99,6 @@ class AlbefConfig:
             raise ValueError("vision_width/text_width must be multiples of vision_heads/text_heads")
         if not 0 <= self.fusion_layer < self.text_layers:
             raise ValueError(f"fusion_layer must be in [0, {self.text_layers}), got {self.fusion_layer}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r} (choose from {INITS})")
-        if self.pos_embed_init not in POS_EMBED_INITS:
-            raise ValueError(f"unknown pos_embed_init {self.pos_embed_init!r} (choose from {POS_EMBED_INITS})")
-        if self.patch_embed not in PATCH_EMBEDS:
-            raise ValueError(f"unknown patch_embed {self.patch_embed!r} (choose from {PATCH_EMBEDS})")
-        if self.patch_embed == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"patch_embed conv needs a power-of-2 patch_size (stride-2 convolutions), got {self.patch_size}")
-        if self.conv_stem_extra < 0 or (self.conv_stem_extra and self.patch_embed != "conv"):
-            raise ValueError(f"conv_stem_extra needs patch_embed conv and a count >= 0, got {self.conv_stem_extra}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlbefConfig":
@@ -154,6 +115,12 @@ class AlbefConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def patch_embedding(self) -> dict:
+        """How pixels become patch tokens, as `VisionTransformer` keyword arguments: ViT's
+        patchify (one patch_size x patch_size convolution), ALBEF's. A variant with another
+        stem overrides this (the demo's `albef_demo`)."""
+        return {"patch_size": self.patch_size}
 
     def bert_config(self) -> BertConfig:
         """The transformers config that its BERT building blocks read."""
@@ -187,20 +154,9 @@ SMALL = dict(
 
 
 def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
-    """timm ViT with a class token, no head, LayerNorm eps 1e-6, exact GELU: ALBEF's key layout
-    (with `patch_embed="conv"` the patch embedding is a convolutional stem, same token grid)."""
-    embed = dict(patch_size=cfg.patch_size)
-    if cfg.patch_embed == "conv":
-        halvings = cfg.patch_size.bit_length() - 1                 # stride 2 ** halvings = patch_size
-        per_stage = cfg.conv_stem_extra + 1                        # stride-1 convolutions, then a stride-2 one
-        # ConvStem's own tiers halve the channels at every layer (1 channel at depth 6 of 32):
-        # here they halve per stride-2 stage, so an added layer never thins the stem
-        channels = tuple(cfg.vision_width >> (halvings - 1 - k) for k in range(halvings) for _ in range(per_stage))
-        strides = ((1,) * cfg.conv_stem_extra + (2,)) * halvings
-        stem = ConvStem(in_chans=3, depth=len(strides), channels=channels, stride=strides,
-                        kernel_size=3, norm_layer=LayerNorm2d, act_layer=nn.GELU)
-        embed = dict(patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem, proj=False))
-    vit = VisionTransformer(
+    """timm ViT with a class token, no head, LayerNorm eps 1e-6, exact GELU: ALBEF's key layout;
+    the patch embedding is `cfg.patch_embedding()`."""
+    return VisionTransformer(
         img_size=cfg.image_size,
         embed_dim=cfg.vision_width,
         depth=cfg.vision_depth,
@@ -212,14 +168,8 @@ def build_vision_encoder(cfg: AlbefConfig) -> VisionTransformer:
         class_token=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         act_layer=nn.GELU,
-        **embed,
+        **cfg.patch_embedding(),
     )
-    if cfg.pos_embed_init == "sincos":
-        grid = vit.patch_embed.grid_size
-        with torch.no_grad():                                      # pos_embed [1, 1+P, Dv], class slot 0
-            vit.pos_embed[0, 0].zero_()
-            vit.pos_embed[0, 1:] = build_sincos2d_pos_embed(list(grid), cfg.vision_width)
-    return vit
 
 
 class AlbefSelfAttention(nn.Module):
@@ -399,14 +349,6 @@ def _init_bert(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _init_fan_in(module: nn.Module) -> None:
-    """normal(0, 1/sqrt(fan_in)) for every Linear, zero bias (AlbefConfig.init = "fan_in")."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=module.in_features ** -0.5)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 class _Towers(NamedTuple):
     visual: VisionTransformer
     text: AlbefTextEncoder
@@ -539,9 +481,11 @@ class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
     `albef_checkpoint`.
     """
 
+    config_class: type[AlbefConfig] = AlbefConfig
+
     def __init__(self, config: AlbefConfig | None = None, tokenizer: AlbefTokenizer | None = None):
         super().__init__()
-        self.config = cfg = config or AlbefConfig()
+        self.config = cfg = config or self.config_class()
         self._tokenizer = tokenizer
         self.visual_encoder = build_vision_encoder(cfg)
         self.text_encoder = AlbefTextEncoder(cfg)
@@ -549,10 +493,6 @@ class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text_width, 2)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
-        if cfg.init in ("fan_in", "fan_in_text"):
-            for name, part in self.named_children():
-                if not (name == "visual_encoder" and cfg.init == "fan_in_text"):
-                    part.apply(_init_fan_in)
         if cfg.momentum:
             for name in ("visual_encoder", "text_encoder", "vision_proj", "text_proj"):
                 twin = copy.deepcopy(getattr(self, name)).requires_grad_(False)
@@ -613,9 +553,11 @@ class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
         """`AlbefConfig` fields or ALBEF's names; a `vocab_file` is looked up in `root` first
         (where `config_dict` copied it), else taken as the path it is."""
         config = dict(config)
-        if root is not None and config.get("vocab_file") is not None:
-            config["vocab_file"] = stored_vocab(Path(root), config["vocab_file"])
-        return cls(AlbefConfig.from_dict(config))
+        if root is not None:
+            config = without_retired_keys(config, cls.config_class, Path(root))
+            if config.get("vocab_file") is not None:
+                config["vocab_file"] = stored_vocab(Path(root), config["vocab_file"])
+        return cls(cls.config_class.from_dict(config))
 
     def config_dict(self, directory: Path | None = None) -> dict:
         return stored_config(self.config, directory)
@@ -652,6 +594,20 @@ def stored_config(config: AlbefConfig, directory: Path | None) -> dict:
             raise FileNotFoundError(f"the model's vocabulary file is gone: {source}")
         atomic_write_bytes(Path(directory) / VOCAB_FILE, source.read_bytes())
         out["vocab_file"] = VOCAB_FILE
+    return out
+
+
+def without_retired_keys(config: dict, config_class: type[AlbefConfig], directory: Path) -> dict:
+    """A saved folder's config without the `RETIRED_KEYS` that `config_class` lacks; a retired
+    key at a value other than plain ALBEF's is an error naming it."""
+    known = {f.name for f in fields(config_class)}
+    out = dict(config)
+    for key, plain in RETIRED_KEYS.items():
+        if key in out and key not in known:
+            value = out.pop(key)
+            if plain is not None and value != plain:
+                raise ValueError(f"{directory}: saved with {key}={value!r}, which ALBEF does not have (a model with "
+                                 "the demo's convolutional stem loads as the albef_demo backbone of hist_vlm.demo)")
     return out
 
 

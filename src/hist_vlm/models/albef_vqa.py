@@ -32,9 +32,11 @@ from hist_vlm.models.albef import (
     build_vision_encoder,
     stored_config,
     stored_vocab,
+    without_retired_keys,
 )
 from hist_vlm.models.albef_checkpoint import LoadReport
-from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE, register_head
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
+from hist_vlm.models.registry import register_head
 from hist_vlm.batch import TextRows
 from hist_vlm.models.tokenization import AlbefTokenizer, read_vocab_file, write_vocab_file
 
@@ -86,6 +88,7 @@ class AlbefVqaModel(nn.Module):
 
     #: "backbone" in a saved folder's config.json: a VQA model, not a backbone
     name: ClassVar[str] = "albef_vqa"
+    config_class: ClassVar[type[AlbefConfig]] = AlbefConfig
 
     def __init__(self, config: AlbefConfig, vqa: VqaModelConfig | None = None):
         super().__init__()
@@ -283,10 +286,10 @@ class AlbefVqaModel(nn.Module):
             name = payload.get("backbone") if isinstance(payload, dict) else None
             raise ValueError(f"{config_path} describes {name!r}, not a VQA model ({cls.name!r}): "
                              "fine-tune it first with a VQA preset (hist-vlm train albef_vqa)")
-        config = dict(payload["config"])
+        config = without_retired_keys(dict(payload["config"]), cls.config_class, directory)
         if config.get("vocab_file") is not None:
             config["vocab_file"] = stored_vocab(directory, config["vocab_file"])
-        model = cls(AlbefConfig.from_dict(config), VqaModelConfig(**payload.get("vqa", {})))
+        model = cls(cls.config_class.from_dict(config), VqaModelConfig(**payload.get("vqa", {})))
         load_model(model, str(directory / WEIGHTS_FILE), strict=True)
         return model.eval()
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hist_vlm.batch import TextRows
-from hist_vlm.models.registry import CONFIG_FILE, WEIGHTS_FILE
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
 
 
 @dataclass

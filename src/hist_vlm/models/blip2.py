@@ -60,7 +60,8 @@ from transformers import (
 
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import FusionOutput, VisionLanguageBackbone, captured_output, capture_layers
-from hist_vlm.models.registry import CONFIG_FILE, ForeignFormat, register, transformers_model_type
+from hist_vlm.models.layout import CONFIG_FILE
+from hist_vlm.models.registry import ForeignFormat, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
 
 #: LAVIS `Blip2Qformer.max_txt_len` (pretraining and its COCO retrieval fine-tuning)

@@ -2,8 +2,9 @@
 evaluation, grounding, the benchmarks and the tests look backbones up by name. Nothing outside
 a backbone's own file names it.
 
-A backbone is found by importing every module of `hist_vlm.models` (and any installed package
-that declares a `hist_vlm.backbones` entry point), so adding one is adding one file:
+A backbone is found by importing every module of `hist_vlm.models`, every installed package
+that declares a `hist_vlm.backbones` entry point, and the backbone modules of every plugin
+(`hist_vlm.plugins`, e.g. the demo's `albef_demo`), so adding one is adding one file:
 
     @register("mine", sizes={"tiny": {...}}, foreign=(ForeignFormat(...),))
     class MyBackbone(VisionLanguageBackbone): ...
@@ -11,7 +12,7 @@ that declares a `hist_vlm.backbones` entry point), so adding one is adding one f
 What a registry entry loads (`load_backbone`):
 - a folder that `save_pretrained` wrote (config.json with "backbone" + model.safetensors),
 - a training checkpoint `RUN/checkpoints/step-N` (its `model/` folder),
-- the name of a model shipped in the package (`demo_base`),
+- the name of a model a plugin ships as package data (the demo's `demo_base`),
 - a backbone's foreign formats (an official ALBEF `.pth`, a transformers folder), each
   recognised by the `ForeignFormat` it registered.
 Anything else is an error naming what was expected, never a randomly initialised model.
@@ -28,15 +29,13 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
+from hist_vlm.plugins import packaged_models, plugins
+
 if TYPE_CHECKING:
     from hist_vlm.models.base import VisionLanguageBackbone
 
-CONFIG_FILE = "config.json"       # the names `VisionLanguageBackbone.save_pretrained` writes
-WEIGHTS_FILE = "model.safetensors"
 ENTRY_POINT_GROUP = "hist_vlm.backbones"
-
-#: models shipped as package data, found by name from any directory
-PACKAGED = {"demo_base": Path(__file__).resolve().parent.parent / "demo_base"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,9 @@ def _discover() -> None:
             importlib.import_module(f"hist_vlm.models.{info.name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
+    for plugin in plugins():
+        for module in plugin.backbone_modules:
+            importlib.import_module(module)
 
 
 def backbone_names() -> tuple[str, ...]:
@@ -159,8 +161,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """`path` itself when it exists, else the packaged model of that name, else `path`
     (the caller reports it as not found)."""
     path = Path(path)
-    if not path.exists() and str(path) in PACKAGED:
-        return PACKAGED[str(path)]
+    if not path.exists():
+        return packaged_models().get(str(path), path)
     return path
 
 
@@ -195,17 +197,19 @@ def transformers_model_type(path: Path) -> str | None:
 
 
 def _format_of(path: Path) -> tuple[BackboneEntry, ForeignFormat | None]:
-    """Which backbone (and which of its foreign formats, None = our own layout) `path` holds."""
-    ours = saved_backbone_name(path) if path.is_dir() else None
-    if ours is not None:
-        if not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} missing; expected {expected_formats()}")
-        return get_backbone(ours), None
+    """Which backbone (and which of its foreign formats, None = our own layout) `path` holds.
+    Foreign formats are asked first: one may claim a folder of our layout that an older version
+    saved under another backbone's name (the demo's model, saved as "albef")."""
     for name in backbone_names():
         entry = get_backbone(name)
         for fmt in entry.foreign:
             if fmt.claims(path):
                 return entry, fmt
+    ours = saved_backbone_name(path) if path.is_dir() else None
+    if ours is not None:
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} missing; expected {expected_formats()}")
+        return get_backbone(ours), None
     raise ValueError(f"{path}: no backbone can read this; expected {expected_formats()}")
 
 
@@ -224,7 +228,8 @@ def load_backbone(
 ) -> "VisionLanguageBackbone":
     """The backbone stored at `checkpoint` (see the module docstring for what is accepted).
 
-    `name`: the backbone the caller expects (an error if the checkpoint holds another).
+    `name`: the backbone the caller expects (an error if the checkpoint holds another that is
+    not a variant of it: a subclass, as the demo's `albef_demo` is of `albef`).
     `params`: build settings for a foreign format that stores no config of ours; a folder we
     saved describes itself and ignores them. `image_size`: the input size the caller will
     feed; a model built for another size is an error (a foreign format that can adapt, an
@@ -235,7 +240,7 @@ def load_backbone(
         raise FileNotFoundError(f"{path}: checkpoint not found")
     path = model_folder(path)
     entry, fmt = _format_of(path)
-    if name is not None and get_backbone(name).name != entry.name:
+    if name is not None and not issubclass(entry.cls, get_backbone(name).cls):
         raise ValueError(f"{path} holds a {entry.name} model, not {get_backbone(name).name}")
     if fmt is None:
         model = entry.cls.from_pretrained(path)

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from hist_vlm.losses.hist import HistLossConfig
+from hist_vlm.plugins import preset_folders
+from hist_vlm.train.tasks import task_names
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -166,13 +168,10 @@ class VqaConfig:
             raise ValueError("alpha > 0 needs distill=true (the momentum copies give the soft targets)")
 
 
-TASKS = ("hist", "vqa", "tags")
-
-
 @dataclass
 class TrainConfig:
     #: what is trained: "hist" (HIST / ALBEF objectives on `hist-vlm parse` output), "vqa", or
-    #: "tags" (a vision tower on which words the captions use, `hist_vlm.train.tags`)
+    #: a task a plugin registers (`hist_vlm.train.tasks`)
     task: str = "hist"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,8 +182,8 @@ class TrainConfig:
     vqa: VqaConfig = field(default_factory=VqaConfig)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task not in task_names():
+            raise ValueError(f"task must be one of {', '.join(task_names())}, got {self.task!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -198,14 +197,25 @@ def _positive(section: Any, name: str) -> None:
 PRESET_SUFFIX = ".yaml"
 
 
-def _preset_dir() -> Path:
-    """The presets shipped inside the package (`hist_vlm/configs/*.yaml`), wherever it is installed."""
-    return Path(str(importlib.resources.files("hist_vlm") / "configs"))
+def _preset_dirs() -> list[Path]:
+    """The presets shipped inside the package (`hist_vlm/configs/*.yaml`, wherever it is
+    installed), then each plugin's (`hist_vlm.plugins`: the demo's `demo_*`)."""
+    return [Path(str(importlib.resources.files("hist_vlm") / "configs")), *preset_folders()]
+
+
+def _presets() -> dict[str, Path]:
+    """Every preset by name; the library's own win over a plugin's of the same name."""
+    found: dict[str, Path] = {}
+    for folder in _preset_dirs():
+        for path in sorted(folder.glob(f"*{PRESET_SUFFIX}")):
+            if path.is_file():
+                found.setdefault(path.name[: -len(PRESET_SUFFIX)], path)
+    return found
 
 
 def preset_names() -> list[str]:
     """Names of the shipped presets, e.g. `demo_tiny`, `albef_coco`."""
-    return sorted(p.name[: -len(PRESET_SUFFIX)] for p in _preset_dir().glob(f"*{PRESET_SUFFIX}") if p.is_file())
+    return sorted(_presets())
 
 
 def resolve_config(name_or_path: str | Path) -> Path:
@@ -217,8 +227,8 @@ def resolve_config(name_or_path: str | Path) -> Path:
     text = str(name_or_path)
     if path.name == text:  # a bare name, no folder: look it up among the presets
         stem = text[: -len(PRESET_SUFFIX)] if text.endswith(PRESET_SUFFIX) else text
-        preset = _preset_dir() / f"{stem}{PRESET_SUFFIX}"
-        if stem and preset.is_file():
+        preset = _presets().get(stem)
+        if preset is not None:
             return preset
     raise ConfigError(f"config file not found: {text} (nor a preset of that name; presets: {', '.join(preset_names())})")
 

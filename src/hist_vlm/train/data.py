@@ -1,6 +1,7 @@
 """Which parse file and image folder a run trains on; builds the synthetic world when asked.
 
-The synthetic path runs the same steps a user runs by hand (`generate_world`, then the
+The synthetic world is the demo's (`hist_vlm.demo.synthetic`, registered as the "captions_world"
+generator of the `hist_vlm.plugins` entry point). Its path runs the same steps a user runs by hand (`generate_world`, then the
 `hist-vlm parse` pipeline: caption reader, spaCy parser, Algorithm 1) once, on rank 0, into
 `RUN/world/`; a resumed run finds it there and reuses it.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from hist_vlm.plugins import generator
 from hist_vlm.train.config import ConfigError, DataConfig
 
 
@@ -34,8 +36,10 @@ def prepare_data(cfg: DataConfig, run_dir: Path, is_main: bool, barrier: Callabl
 
 
 def _build_synthetic(cfg: DataConfig, world: Path, phrases: Path) -> None:
-    from hist_vlm.data.synthetic import generate_parsed_world
-
+    try:
+        generate_parsed_world = generator("captions_world", "data.synthetic.enabled=true")
+    except LookupError as e:
+        raise ConfigError(str(e)) from None
     syn = cfg.synthetic
     generate_parsed_world(world, phrases, n_train=syn.n_train, n_val=syn.n_val, n_test=syn.n_test,
                           image_size=syn.image_size, seed=syn.seed)

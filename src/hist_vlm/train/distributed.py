@@ -1,4 +1,5 @@
-"""Gradient synchronisation for training many processes without DDP's reducer.
+"""This process's place in a many-process job (`Environment`), and gradient synchronisation
+without DDP's reducer.
 
 Why not `DistributedDataParallel`: the addition loss differentiates through
 `autograd.grad(create_graph=True)`, and with plain `DDP(model)` the reducer's hooks silently
@@ -15,6 +16,8 @@ With one process both functions do nothing.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -22,6 +25,46 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hist_vlm.losses.distributed import world
+from hist_vlm.train.config import ConfigError
+
+
+@dataclass
+class Environment:
+    """This process's place in the job, read from the launcher's RANK/WORLD_SIZE/LOCAL_RANK."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_environment(device: str) -> Environment:
+    """Init torch.distributed (nccl on GPU, gloo on CPU) when launched with WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no GPU is visible")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    owns = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        owns = True
+    return Environment(rank, world_size, local_rank, dev, owns)
 
 
 @torch.no_grad()

@@ -27,12 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hist_vlm.data.dataset import GlobalBatchSampler, HistCollate, HistDataset, ImageRecord, read_parse_output
-from hist_vlm.losses.hist import HistLoss
-from hist_vlm.models.base import MaskedLanguageModel
 from hist_vlm.train.checkpoint import (
     Position,
     latest_checkpoint,
@@ -42,49 +38,10 @@ from hist_vlm.train.checkpoint import (
     set_rng_state,
 )
 from hist_vlm.train.config import ConfigError, TrainConfig
-from hist_vlm.train.data import prepare_data
-from hist_vlm.train.distributed import allreduce_gradients, broadcast_parameters
-from hist_vlm.train.model import build_model, check_checkpoint_given, derive_vocabulary
+from hist_vlm.train.distributed import Environment, allreduce_gradients, broadcast_parameters, setup_environment
+from hist_vlm.train.model import check_checkpoint_given
 from hist_vlm.train.optim import build_optimizer, build_scheduler, freeze, trainable_parameters
-
-
-@dataclass
-class Environment:
-    """This process's place in the job, read from the launcher's RANK/WORLD_SIZE/LOCAL_RANK."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_process_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def setup_environment(device: str) -> Environment:
-    """Init torch.distributed (nccl on GPU, gloo on CPU) when launched with WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"run.device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no GPU is visible")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    owns = False
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-        owns = True
-    return Environment(rank, world_size, local_rank, dev, owns)
+from hist_vlm.train.tasks import get_task
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -195,71 +152,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def subject_token_ids(model: MaskedLanguageModel, records: list[ImageRecord]) -> torch.Tensor:
-    """[K] the distinct token ids of every subject word the parse found in `records`, without
-    the model's never-masked specials: what `loss.mlm_subject_probability` masks."""
-    words = sorted({rec.captions[ci][start:end] for rec in records for ci, start, end, _ in rec.subject_spans})
-    if not words:
-        return torch.zeros(0, dtype=torch.long)
-    ids, mask = model.tokenize(words)
-    found = set(ids[mask.bool()].tolist()) - set(model.mask_tokens.never_mask)
-    return torch.tensor(sorted(found), dtype=torch.long)
-
-
-class HistTask:
-    """The HIST / ALBEF objectives on `hist-vlm parse` output (every preset but the VQA ones).
-
-    A task is what the loop asks of a kind of training: constructed before seeding (it reads the
-    data, which a derived vocabulary needs), then `build_model()`, `objective(model)` and
-    `loader(model)`; `hist_vlm.train.vqa.VqaTask` is the other one."""
-
-    def __init__(self, cfg: TrainConfig, env: Environment, run_dir: Path, resume: bool) -> None:
-        self.cfg, self.env = cfg, env
-        phrases, self.image_root = prepare_data(cfg.data, run_dir, env.is_main, env.barrier)
-        self.records, dropped = read_parse_output(phrases)
-        if dropped and env.is_main:
-            tqdm.write(f"{dropped} images of {phrases} have no phrase and are left out")
-        self.vocab, self.vocab_file = derive_vocabulary(cfg.model, self.records, run_dir, resume=resume,
-                                                        is_main=env.is_main, barrier=env.barrier)
-
-    def build_model(self) -> torch.nn.Module:
-        return build_model(self.cfg.model, self.cfg.data.image_size, self.vocab, self.vocab_file)
-
-    def objective(self, model) -> torch.nn.Module:
-        subject_ids = None
-        if self.cfg.loss.mlm_subject_probability is not None and isinstance(model, MaskedLanguageModel):
-            subject_ids = subject_token_ids(model, self.records)
-        return HistLoss(self.cfg.loss, model, subject_ids)
-
-    def loader(self, model) -> tuple[GlobalBatchSampler, DataLoader]:
-        """This rank's batches: the sampler cuts global batches, the collate tokenizes."""
-        cfg, env = self.cfg, self.env
-        sampler = GlobalBatchSampler(
-            len(self.records), cfg.data.batch_size, world_size=env.world_size, rank=env.rank,
-            grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed,
-        )
-        dataset = HistDataset(
-            self.records, self.image_root, cfg.data.image_size, seed=cfg.run.seed,
-            crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, swap_negatives=cfg.data.swap_negatives,
-        )
-        collate = HistCollate(model.tokenize, cfg.data.max_length, cfg.data.pad_to_max_length)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                            pin_memory=env.device.type == "cuda")
-        return sampler, loader
-
-
-def _task(cfg: TrainConfig, env: Environment, run_dir: Path, resume: bool):
-    if cfg.task == "vqa":
-        from hist_vlm.train.vqa import VqaTask
-
-        return VqaTask(cfg, env, run_dir, resume)
-    if cfg.task == "tags":
-        from hist_vlm.train.tags import TagsTask
-
-        return TagsTask(cfg, env, run_dir, resume)
-    return HistTask(cfg, env, run_dir, resume)
-
-
 class Trainer:
     """One training run, in the order `run()` calls its parts: setup (here), `resume()`,
     `open_logs()`, then `step()` and `after_step()` until `stop_at`, and `finish()`.
@@ -279,7 +171,7 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds checkpoints: pass --resume, or set run.dir to a new folder")
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        task = _task(cfg, env, self.run_dir, resume)  # reads the data before the model: it may take its vocabulary from them
+        task = get_task(cfg.task)(cfg, env, self.run_dir, resume)  # reads the data before the model: it may take its vocabulary from them
         _seed_everything(cfg.run.seed)  # the same initial weights on every rank (and broadcast below)
 
         self.model = task.build_model().to(env.device)

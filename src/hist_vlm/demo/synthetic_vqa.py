@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hist_vlm._io import atomic_write_text
-from hist_vlm.data.synthetic import COLOURS, SHAPES, SPLITS, SceneObject, WorldConfig, render_scene, scene_rng
+from hist_vlm.demo.synthetic import COLOURS, SHAPES, SPLITS, SceneObject, WorldConfig, render_scene, scene_rng
 
 ANNOTATORS = 10
 NUMBERS = ("2", "3", "4")          # the world's object counts, written as VQA v2 writes numbers

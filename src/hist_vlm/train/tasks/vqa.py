@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from hist_vlm.data.dataset import GlobalBatchSampler
 from hist_vlm.data.vqa import VqaBatch, VqaCollate, VqaDataset, VqaFileError, VqaRecord, read_answer_list, read_vqa_files
+from hist_vlm.plugins import generator
 from hist_vlm.train.config import ConfigError, TrainConfig, VqaConfig
 from hist_vlm.train.model import build_model
 
@@ -38,11 +39,14 @@ class VqaObjective(nn.Module):
 
 def vqa_files(cfg: TrainConfig, run_dir: Path, is_main: bool, barrier) -> tuple[list[Path], dict[str, Path], Path | None]:
     """(training files, image root per dataset, answer list or None); the synthetic set is
-    generated once, on rank 0, into RUN/vqa_world/ (a resumed run reuses it)."""
+    generated once, on rank 0, into RUN/vqa_world/ (a resumed run reuses it), by the demo's
+    "vqa_world" generator (`hist_vlm.plugins`)."""
     vqa = cfg.vqa
     if vqa.synthetic.enabled:
-        from hist_vlm.data.synthetic_vqa import generate_vqa_world
-
+        try:
+            generate_vqa_world = generator("vqa_world", "vqa.synthetic.enabled=true")
+        except LookupError as e:
+            raise ConfigError(str(e)) from None
         root, syn = run_dir / SYNTHETIC_DIR, vqa.synthetic
         if is_main and not (root / "answer_list.json").is_file():
             generate_vqa_world(root, syn.n_train, syn.n_val, syn.n_test, syn.image_size, syn.seed)
@@ -100,6 +104,7 @@ class VqaTask:
             words = []
         model_cfg = cfg.model if cfg.model.checkpoint is None else _without_derive(cfg.model)
         backbone = build_model(model_cfg, cfg.data.image_size, vocab, vocab_file)
+        head = get_backbone(backbone.name).heads.get("vqa", head)   # a variant's own (albef_demo's)
         try:
             model, report = head.from_backbone(
                 backbone, decoder_layers=cfg.vqa.decoder_layers, distill=cfg.vqa.distill, extra_words=words,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hist_vlm.batch import HistBatch
 from hist_vlm.data.dataset import ImageRecord
 from hist_vlm.models.base import VisionLanguageBackbone
-from hist_vlm.train.loop import HistTask
+from hist_vlm.train.tasks.hist import HistTask
 
 MIN_SHARE, MAX_SHARE = 0.01, 0.99
 _WORD = re.compile(r"[a-z]+")

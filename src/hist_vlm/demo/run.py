@@ -6,7 +6,7 @@ has the same shape in the synthetic world:
 
   base      a tiny ALBEF pretrained with the baseline losses (`demo_pretrain` preset) from a
             vision tower taught the captions' words (`demo_tags`), shipped in the package
-            (`hist_vlm/demo_base/`); `hist-vlm demo --pretrain` rebuilds it
+            (`hist_vlm/demo/base/`); `hist-vlm demo --pretrain` rebuilds it
   baseline  the base fine-tuned with ITC + ITM + MLM on captions (`loss.schedule=off`)
   HIST      the same fine-tuning plus the phrase, subject and addition losses
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 #: the shipped pretrained base (package data): model.safetensors, config.json, vocab.txt, recipe.json
-DEMO_BASE = Path(__file__).resolve().parent / "demo_base"
+DEMO_BASE = Path(__file__).resolve().parent / "base"
 PRETRAIN_PRESET = "demo_pretrain"
 TAGS_PRESET = "demo_tags"       # stage 1 of the base, before PRETRAIN_PRESET
 FINETUNE_PRESET = "demo_finetune"
@@ -96,7 +96,7 @@ class DemoResult:
 
 def prepare_world(settings: DemoSettings) -> tuple[Path, Path]:
     """Synthetic world + parsed training captions, built once and reused: (phrases, world dir)."""
-    from hist_vlm.data.synthetic import generate_parsed_world
+    from hist_vlm.demo.synthetic import generate_parsed_world
 
     world = settings.out_dir / "world"
     phrases = world / "phrases_train.jsonl"
@@ -219,7 +219,7 @@ def pretrain_base(out_dir: Path, overrides: list[str] = ()) -> Path:
     """Rebuild the demo's base in its two stages: the `demo_tags` preset (the vision tower
     learns which words the captions use), then `demo_pretrain` from its checkpoint (baseline
     losses, stem frozen); package the final model as `OUT/base` (`package_base`). `overrides`
-    apply to both stages. Copy that folder over `hist_vlm/demo_base/` to ship it."""
+    apply to both stages. Copy that folder over `hist_vlm/demo/base/` to ship it."""
     from hist_vlm.train.config import load_config
     from hist_vlm.train.loop import train
 
