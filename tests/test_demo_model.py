@@ -141,3 +141,17 @@ def test_a_retired_option_at_a_non_albef_value_is_a_one_line_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="saved with patch_embed='resnet', which ALBEF does not have"):
         load_backbone(tmp_path / "m")
+
+
+def test_the_run_configs_an_earlier_version_wrote_still_load(tmp_path):
+    """RUN/config.yaml of those runs carries `loss.add_detach_parts: false` (an option since
+    removed, at its neutral value); it loads, and the removed option at another value is one
+    line naming it."""
+    from hist_vlm.train.config import ConfigError, load_config
+
+    for name in ("demo_conv_stem", "albef_linear"):
+        cfg = load_config(LEGACY / name / "config.yaml")
+        assert cfg.run.max_steps == 1 and cfg.model.name == "albef"   # as those runs were written
+        assert not hasattr(cfg.loss, "add_detach_parts")
+    with pytest.raises(ConfigError, match=r"loss.add_detach_parts=True was removed"):
+        load_config("demo_tiny", ["loss.add_detach_parts=true"])

@@ -19,10 +19,8 @@ L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`tr
                           the L1 distance (in [0, 2]) between where the composite looks and where
                           its parts look together; free of the map scale and of the token count,
                           and shrinking the maps cannot lower it
-          `add_detach_parts` (default False: every map gets the term's gradient, as in SelfEQ's
-          loss between its two maps) makes G_i + G_j a fixed target: the composite's map is
-          pulled toward its parts, the phrase maps are left to the phrase loss. In the demo it
-          wrecked the model (pointing 55 -> 20 %, README): the pull moves its own target
+          Every map gets the term's gradient, as in SelfEQ's loss between its two maps (a fixed
+          target G_i + G_j was tried and rejected: docs/experiments.md, "add_detach_parts")
 
 Schedules w(t), t = epochs elapsed (float):
   paper     the paper's L = a L_vl + (1-a)(L_vl + L_HIST), a rising 0 -> 1 over the first two
@@ -63,7 +61,6 @@ class HistLossConfig:
     lambda_subject: float = 1.0
     lambda_add: float = 1.0
     add_normalize: str = "none"            # what the addition loss compares (module doc)
-    add_detach_parts: bool = False         # True: G_i + G_j is the composite's fixed target (module doc)
     #: cross-attention layers (0-based) for the addition-loss GradCAM; None = the backbone's
     #: `default_capture_layers` (ALBEF: 2 = BERT layer 8; BLIP: 8 = the paper's 9th layer)
     capture_layers: tuple[int, ...] | None = None
@@ -129,8 +126,7 @@ class HistLoss(nn.Module):
         self.terms: list[tuple[str, float, TextTerm | AdditionTerm]] = [
             ("phrase", cfg.lambda_phrase, PhraseTerm(cfg.mlm_weight)),
             ("subject", cfg.lambda_subject, SubjectTerm()),
-            ("add", cfg.lambda_add, AdditionTerm(layers, cfg.capture_head, cfg.capture_combine, cfg.add_normalize,
-                                         cfg.add_detach_parts)),
+            ("add", cfg.lambda_add, AdditionTerm(layers, cfg.capture_head, cfg.capture_combine, cfg.add_normalize)),
         ]
         self._gen: torch.Generator | None = None
 

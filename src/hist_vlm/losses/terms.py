@@ -213,10 +213,8 @@ class AdditionTerm:
     names = ("add",)
     draws = False  # no random choice: at weight 0 it can be skipped without changing any other term
 
-    def __init__(self, layers: tuple[int, ...], head: int | None, combine: str, normalize: str,
-                 detach_parts: bool = False) -> None:
+    def __init__(self, layers: tuple[int, ...], head: int | None, combine: str, normalize: str) -> None:
         self.layers, self.head, self.combine, self.normalize = layers, head, combine, normalize
-        self.detach_parts = detach_parts
 
     def __call__(self, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
         add = self.loss(step)
@@ -231,17 +229,14 @@ class AdditionTerm:
             step.model, step.image_embeds, rows, layers=self.layers, head=self.head,
             combine=self.combine, recipe="train", create_graph=True,
         )  # [3n, gh, gw]
-        return addition_loss(*maps.split(n), normalize=self.normalize, detach_parts=self.detach_parts)
+        return addition_loss(*maps.split(n), normalize=self.normalize)
 
 
-def addition_loss(g_i: Tensor, g_j: Tensor, g_ij: Tensor, normalize: str = "none", eps: float = 1e-12,
-                  detach_parts: bool = False) -> Tensor:
+def addition_loss(g_i: Tensor, g_j: Tensor, g_ij: Tensor, normalize: str = "none", eps: float = 1e-12) -> Tensor:
     """sum over patches |G_i + G_j - G_ij|, averaged over pairs (all ranks): [n, gh, gw] x3 -> scalar.
     `normalize` (hist.py's module doc): "none", "minmax" (each map to [0, 1] first) or
-    "distribution" (the parts' sum and the composite each scaled to sum 1). `detach_parts`:
-    G_i + G_j is a fixed target (no gradient), only the composite's map is pulled."""
-    if detach_parts:
-        g_i, g_j = g_i.detach(), g_j.detach()
+    "distribution" (the parts' sum and the composite each scaled to sum 1). Every map gets
+    the term's gradient, as in SelfEQ's loss between its two maps."""
     if normalize == "minmax":
         g_i, g_j, g_ij = (minmax_maps(g) for g in (g_i, g_j, g_ij))
     parts = g_i + g_j

@@ -269,6 +269,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
+    raw = _without_retired(raw, prefix)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(
@@ -279,6 +280,25 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         return cls(**values)
     except (TypeError, ValueError) as e:  # the dataclass's own validation (__post_init__)
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+#: keys earlier versions wrote into RUN/config.yaml that no longer exist, and the value at which
+#: each meant what the code now does (docs/experiments.md, "Options removed from the library")
+RETIRED_KEYS = {"loss.add_detach_parts": False}
+
+
+def _without_retired(raw: dict, prefix: str) -> dict:
+    """`raw` without the retired keys of this section that hold their neutral value; one at
+    another value is an error (the run it describes cannot be reproduced by this version)."""
+    out = dict(raw)
+    for key, neutral in RETIRED_KEYS.items():
+        section, _, leaf = key.rpartition(".")
+        if prefix == section + "." and leaf in out:
+            if out[leaf] != neutral:
+                raise ConfigError(f"{key}={out[leaf]!r} was removed (docs/experiments.md, "
+                                  f"\"Options removed from the library\"); only {neutral!r} is still accepted")
+            del out[leaf]
+    return out
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
