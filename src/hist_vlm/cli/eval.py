@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from hist_vlm._io import atomic_write_text
 from hist_vlm.cli.app import app
 from hist_vlm.cli.common import (CHECKPOINT, CONFIG, DEVICE, NUM_WORKERS, gradcam_source, load_model, resolve_device,
                                  sweep_source)
@@ -94,7 +95,7 @@ def pointing(
         typer.echo(f"sweep table: {csv_path}" + (f"; per-query results: {out}" if out else ""))
     elif out is not None:
         summary_path = out.with_suffix(".summary.json")
-        summary_path.write_text(json.dumps(report.summary(), indent=2) + "\n")
+        atomic_write_text(summary_path, json.dumps(report.summary(), indent=2) + "\n")
         typer.echo(f"per-query results: {out}; summary: {summary_path}")
 
 
@@ -188,7 +189,6 @@ def segment(
 ) -> None:
     """Complex referring segmentation (paper Table 3): the top-4 GradCAM points of each "A and B"
     query prompt SAM for one mask; cIoU and mean IoU against the union of both objects' masks."""
-    from hist_vlm._io import atomic_write_text
     from hist_vlm.data.grounding import GroundingFileError
     from hist_vlm.eval.segment import (MULTIMASK, SamLoadError, SamSegmenter, evaluate_segmentation,
                                        load_segment_queries, save_segment_figure)

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from hist_vlm.models.albef import (
@@ -35,7 +35,7 @@ from hist_vlm.models.albef import (
     without_retired_keys,
 )
 from hist_vlm.models.albef_checkpoint import LoadReport
-from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
 from hist_vlm.models.registry import register_head
 from hist_vlm.batch import TextRows
 from hist_vlm.models.tokenization import AlbefTokenizer, read_vocab_file, write_vocab_file
@@ -265,14 +265,11 @@ class AlbefVqaModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """`model.safetensors` + `config.json` ("backbone": "albef_vqa") + its vocab.txt."""
-        from hist_vlm._io import atomic_write_text
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = stored_config(self.config, directory)
-        save_model(self, str(directory / WEIGHTS_FILE))
-        payload = {"backbone": self.name, "config": config, "vqa": dataclasses.asdict(self.vqa_config)}
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+        write_model_folder(self, directory, {"backbone": self.name, "config": config,
+                                             "vqa": dataclasses.asdict(self.vqa_config)})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "AlbefVqaModel":

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hist_vlm.batch import TextRows
-from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
 
 
 @dataclass
@@ -211,16 +211,9 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
     def save_pretrained(self, directory: str | Path) -> None:
         """`config.json` ({"backbone": name, "config": config_dict}) + `model.safetensors`
         (tied tensors stored once): the one folder layout every backbone saves and loads."""
-        from safetensors.torch import save_model
-
-        from hist_vlm._io import atomic_write_text
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = self.config_dict(directory)
-        save_model(self, str(directory / WEIGHTS_FILE))
-        payload = {"backbone": self.name, "config": config}
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+        write_model_folder(self, directory, {"backbone": self.name, "config": self.config_dict(directory)})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Self:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
+from hist_vlm._io import atomic_write_text
 from hist_vlm.train.checkpoint import (
     Position,
     latest_checkpoint,
@@ -97,9 +97,7 @@ class _Log:
                 continue
             if record.get("step", step + 1) <= step:
                 kept.append(line + "\n")
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(kept))
 
     def step_done(self) -> None:
         self.steps += 1
@@ -216,7 +214,7 @@ class Trainer:
         and the result the steps fill in. After `resume()`: all of them start at its position."""
         cfg, env, step = self.cfg, self.env, self.position.global_step
         if env.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.log = _Log(self.run_dir, env, cfg.run.tensorboard)
         self.log.rewind(step)
         self.bar = tqdm(total=self.total_steps, initial=step, disable=not (self.progress and env.is_main),
