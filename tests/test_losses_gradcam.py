@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from hist_vlm.losses.gradcam import gradcam_maps
-from hist_vlm.losses.rows import cat_rows
-from hist_vlm.batch import TextRows
+from hist_vlm.batch import TextRows, cat_rows
 from losses_fixtures import BACKBONES, tiny_backbone, tiny_blip
 
 LAYER = 1  # a cross-attention layer of every tiny backbone

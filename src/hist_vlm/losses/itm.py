@@ -17,8 +17,7 @@ from torch import Tensor
 
 from hist_vlm.losses.distributed import global_mean
 from hist_vlm.losses.itc import fp32_or_wider, positive_masks, similarity
-from hist_vlm.losses.rows import cat_rows
-from hist_vlm.batch import TextRows
+from hist_vlm.batch import TextRows, cat_rows
 from hist_vlm.models.base import VisionLanguageBackbone
 
 

@@ -25,13 +25,12 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor
 
-from hist_vlm.batch import HistBatch, TextRows
+from hist_vlm.batch import HistBatch, TextRows, cat_rows
 from hist_vlm.losses.distributed import global_mean
 from hist_vlm.losses.gradcam import gradcam_maps, minmax_maps
 from hist_vlm.losses.itc import ItcLoss, text_keys
 from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses, with_negative_texts
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
-from hist_vlm.losses.rows import cat_rows
 from hist_vlm.models.base import CaptioningModel, MaskedLanguageModel, MomentumTwin, VisionLanguageBackbone
 
 
