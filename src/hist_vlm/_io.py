@@ -147,19 +147,8 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str = "utf-8", *, p
     `path`'s folder is created unless `parents=False` (then a missing one is a FileNotFoundError)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_file mode must be 'w' or 'wb', not {mode!r}")
-    path = Path(path)
-    tmp = _claim(path, parents)
-    f = open(tmp, mode, encoding=None if "b" in mode else encoding, opener=_create)
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path, parents=parents) as tmp, open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+        yield f
 
 
 @contextlib.contextmanager
