@@ -1,5 +1,5 @@
 """Grounding evaluation: each distinct image of a batch encoded once and shared by its queries
-(what `hist_vlm.eval.runner.evaluate` does), against encoding the image again for every query,
+(what `hist_vlm.eval.grounding.evaluate` does), against encoding the image again for every query,
 side by side on the same synthetic-world queries (about 5 queries per image). Both paths must
 give the same points; the script checks it.
 
@@ -18,7 +18,7 @@ import torch
 
 from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.demo.synthetic import generate_world
-from hist_vlm.eval.runner import GradcamMaps, evaluate
+from hist_vlm.eval.grounding import GradcamMaps, evaluate
 from hist_vlm.models import backbone_names, build_sized
 
 

@@ -18,7 +18,7 @@ import torch
 from hist_vlm.data.retrieval import read_caption_corpus
 from hist_vlm.demo.synthetic import generate_world
 from hist_vlm.eval.retrieval import NOT_RERANKED, encode_corpus, rerank
-from hist_vlm.eval.runner import eval_transform
+from hist_vlm.eval.grounding import eval_transform
 from hist_vlm.models.albef import AlbefConfig, AlbefModel
 
 SIZES = {

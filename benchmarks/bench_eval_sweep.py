@@ -17,7 +17,7 @@ import torch
 
 from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.demo.synthetic import generate_world
-from hist_vlm.eval.runner import GradcamMaps, evaluate
+from hist_vlm.eval.grounding import GradcamMaps, evaluate
 from hist_vlm.eval.sweep import GradcamSweep, build_grid, evaluate_sweep
 from hist_vlm.models import backbone_names, build_sized
 

@@ -3,7 +3,7 @@ import json
 
 from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.demo.synthetic import generate_world
-from hist_vlm.eval.runner import GradcamMaps, evaluate
+from hist_vlm.eval.grounding import GradcamMaps, evaluate
 from hist_vlm.models import load_backbone
 from hist_vlm.plugins import packaged_models
 

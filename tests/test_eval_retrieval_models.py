@@ -12,7 +12,7 @@ from torch import nn
 from hist_vlm.data.retrieval import read_caption_corpus
 from hist_vlm.demo.synthetic import generate_world
 from hist_vlm.eval.retrieval import NOT_RERANKED, evaluate_retrieval
-from hist_vlm.eval.runner import eval_transform
+from hist_vlm.eval.grounding import eval_transform
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import FusionOutput
 from losses_fixtures import tiny_albef, tiny_blip

@@ -10,7 +10,7 @@ from PIL import Image
 
 from hist_vlm.data.grounding import read_synthetic
 from hist_vlm.demo.synthetic import generate_world
-from hist_vlm.eval.runner import GradcamMaps, evaluate
+from hist_vlm.eval.grounding import GradcamMaps, evaluate
 from hist_vlm.eval.sweep import GradcamSweep, Setting, build_grid, evaluate_sweep
 from hist_vlm.losses.gradcam import gradcam_head_maps, gradcam_maps
 from hist_vlm.batch import TextRows

@@ -119,17 +119,22 @@ def test_permissions_follow_umask(tmp_path, umask_022):
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
 
 
-def test_dead_temp_removed_by_next_write_live_kept(tmp_path):
+def test_dead_temps_removed_by_the_first_write_into_the_folder_live_kept(tmp_path):
+    """A process's first write into a folder removes every target's dead temps there (one scan
+    per folder, not per file); temps of live processes stay."""
     out = tmp_path / "fig.png"
     dead = tmp_path / f".fig.png.tmp-{_dead_pid()}.png"
     live = tmp_path / f".fig.png.tmp-{os.getppid()}.png"  # our parent: alive
-    other = tmp_path / f".other.png.tmp-{_dead_pid()}.png"  # another target's: not ours to clean
+    other = tmp_path / f".other.png.tmp-{_dead_pid()}.png"  # another target's, also dead
     for p in (dead, live, other):
         p.write_bytes(b"half")
     atomic_write_bytes(out, b"png")
     assert out.read_bytes() == b"png"
-    assert not dead.exists() and live.exists() and other.exists()
-    assert remove_stale_temps(tmp_path) == [other]  # every target's dead temps
+    assert not dead.exists() and live.exists() and not other.exists()
+    again = tmp_path / f".other.png.tmp-{_dead_pid()}.png"
+    again.write_bytes(b"half")
+    assert remove_stale_temps(tmp_path, "fig.png") == []          # only that target's
+    assert remove_stale_temps(tmp_path) == [again]                 # every target's dead temps
     assert _entries(tmp_path) == sorted([live.name, "fig.png"])
 
 

@@ -12,8 +12,8 @@ half-written output behind (readers see the previous version or the new one, nev
 Temps are named `.{name}.tmp-{pid}{suffix}`: hidden, in the target's folder (a rename across file
 systems would not be atomic), with the target's suffix last so that a library choosing the format
 from the file name (matplotlib, PIL) still sees it. An exception inside the block removes the temp;
-a killed process cannot, so every helper first calls `remove_stale_temps`, which removes the temps
-of the same target whose pid is no longer alive: the next run of the same command cleans up.
+a killed process cannot, so a process's first write into a folder calls `remove_stale_temps`, which
+removes the temps there whose pid is no longer alive: the next run of the same command cleans up.
 Files and folders are created with the normal umask permissions (0o666 / 0o777 & ~umask), not
 `mkstemp`'s 0o600.
 
@@ -130,11 +130,20 @@ def _create(path: str | Path, flags: int = 0) -> int:
     return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
 
 
+#: folders this process has already cleaned (a scan per write would make writing n files into
+#: one folder cost n^2: the synthetic world writes thousands of images into one)
+_cleaned: set[Path] = set()
+
+
 def _claim(path: Path, parents: bool) -> Path:
-    """Create `path`'s folder (with `parents`), clean its dead temps; this process's temp name."""
+    """Create `path`'s folder (with `parents`); on this process's first write into that folder,
+    remove every dead temp in it; this process's temp name."""
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent, path.name)
+    folder = path.parent.resolve()
+    if folder not in _cleaned:
+        remove_stale_temps(folder)
+        _cleaned.add(folder)
     return _temp_name(path)
 
 

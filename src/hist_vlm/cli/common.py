@@ -41,7 +41,7 @@ def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combi
     """(map source, training config or None) from the CLI's model options. The config supplies
     the backbone name and the GradCAM layer/head/combination of training, which the options
     override. User mistakes become one-line errors."""
-    from hist_vlm.eval.runner import GradcamMaps
+    from hist_vlm.eval.grounding import GradcamMaps
 
     model, cfg = load_model(config, checkpoint, image_size)
     if cfg is not None:

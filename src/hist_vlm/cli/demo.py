@@ -20,7 +20,7 @@ def demo(
     schedule: str = typer.Option("paper", "--hist-schedule", help="HIST weight schedule: paper or constant."),
     ablation: bool = typer.Option(False, "--ablation", help="The paper's Table 6: baseline, + phrase, + addition, + subject."),
     base: Optional[Path] = typer.Option(None, "--base", help="Pretrained base to fine-tune (default: the shipped demo_base)."),
-    pretrain: bool = typer.Option(False, "--pretrain", help="Rebuild the base first (demo_tags, then demo_pretrain from it; ~19 min on 2 cores), then fine-tune it."),
+    pretrain: bool = typer.Option(False, "--pretrain", help="Rebuild the base first (demo_tags, then demo_pretrain from it; about 20 minutes on a 2-core CPU), then fine-tune it."),
     world_seed: int = typer.Option(0, "--world-seed", min=0, help="Seed of the fine-tuning world (scenes, captions, splits). Another seed draws a fresh dev world, to choose settings on without the demo's test split."),
     eval_layers: str = typer.Option("val", "--eval-layers", help="GradCAM layers of the evaluation: val (the base's best on the val split) or train (the preset's loss.capture_layers)."),
     override: list[str] = typer.Option([], "--set", help="Extra key=value for every fine-tuning (repeatable)."),

@@ -53,7 +53,7 @@ def pointing(
     GradCAM layers, heads and layer combinations is scored in one pass over the data.
     """
     from hist_vlm.data.grounding import GroundingFileError, load_benchmark
-    from hist_vlm.eval.runner import evaluate
+    from hist_vlm.eval.grounding import evaluate
     from hist_vlm.eval.sweep import evaluate_sweep
 
     if data not in BENCHMARKS:

@@ -1,12 +1,20 @@
 """The demo's tiny model, registered as the backbone `albef_demo`: ALBEF with a convolutional
 stem in place of ViT's patchify, and an initialisation for training from scratch at width 64.
 
-Why these two (docs/experiments.md, "The demo base: a convolutional stem" and "The demo base:
-the vision tower's init"): from scratch, a 64-px world's shapes span only a few patches, and a
-tower whose tokens see one patch each learns colours but not outlines; overlapping 3x3
-convolutions give each token a receptive field that holds a shape. BERT's std-0.02 init makes
-every layer of a width-64 text tower nearly the identity, so the text side is drawn at
-1/sqrt(fan_in); the vision tower keeps timm's init (its blocks start near the identity).
+The stem: overlapping 3x3 convolutions give each token a receptive field that holds one of the
+world's shapes, where a 4-px patch does not (docs/experiments.md, "The demo base grounds
+colours, not shapes"). Alone, trained on captions, it did not make the tower learn shapes (same
+entry; "The convolutional stem (patch_embed=conv); the first base does not overfit"): the shapes
+come from the tags stage (`demo_tags`, `hist_vlm.demo.tags`), and caption pretraining then keeps
+the stem frozen ("What taught shapes: a tower tagged with every caption word", "The two-stage
+base ships (demo_tags, then demo_pretrain)").
+
+The init: the text side, projections and ITM head are drawn at 1/sqrt(fan_in), because BERT's
+std 0.02 at width 64 makes every text layer nearly the identity and every caption one feature
+("The first base: what made a tiny model ground"); the vision tower keeps timm's init (its
+blocks start near the identity, the tower near its stem), which beat drawing it at
+1/sqrt(fan_in) too ("The vision tower's initialisation: fan_in against fan_in_text"). Both
+other choices were rejected for the demo, so this backbone has no init option.
 
 Everything else is ALBEF's (`hist_vlm.models.albef`): the same parameter names, GradCAM,
 losses, checkpoints and VQA head. Folders an earlier version saved as backbone "albef" with

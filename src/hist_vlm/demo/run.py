@@ -34,6 +34,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hist_vlm._io import atomic_dir, atomic_write_text
+
 #: the shipped pretrained base (package data): model.safetensors, config.json, vocab.txt, recipe.json
 DEMO_BASE = Path(__file__).resolve().parent / "base"
 PRETRAIN_PRESET = "demo_pretrain"
@@ -67,7 +69,7 @@ class DemoSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     n_train: int = 2048
     n_val: int = 128                   # where the base chooses the evaluation's GradCAM layers
-    n_test: int = 640                  # 1,051 composite queries: a both-hit rate to about +-1 point
+    n_test: int = 640                  # a both-hit rate known well enough: docs/experiments.md, "640 test scenes"
     image_size: int = 64
     world_seed: int = 0
     hist_schedule: str = "paper"
@@ -107,7 +109,7 @@ def prepare_world(settings: DemoSettings) -> tuple[Path, Path]:
         return phrases, world
     generate_parsed_world(world, phrases, n_train=settings.n_train, n_val=settings.n_val, n_test=settings.n_test,
                           image_size=settings.image_size, seed=settings.world_seed)
-    stamp.write_text(json.dumps(want))
+    atomic_write_text(stamp, json.dumps(want))
     return phrases, world
 
 
@@ -161,9 +163,10 @@ def _train_worker(label: str, cfg) -> float:
     run_dir = Path(cfg.run.dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale or interrupted run of other settings
     run_dir.mkdir(parents=True)
+    # the run's console log, streamed as it trains (a log, not an output: it is never replaced)
     with (run_dir / "stdout.txt").open("w") as out, contextlib.redirect_stdout(out):
         train(cfg, progress=False, on_step=lambda step, last: _progress_queue.put((label, step, last)))
-    (run_dir / "finished.json").write_text(json.dumps(cfg.to_dict()))
+    atomic_write_text(run_dir / "finished.json", json.dumps(cfg.to_dict()))
     return time.perf_counter() - start
 
 
@@ -172,10 +175,10 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
     at a time (default: one per core), each in its own process with cores // jobs threads.
 
     Why processes: a second thread speeds the demo's tiny model up far less than a second run
-    side by side does (`demo_pretrain` on 2 threads: 3.7 step/s; two 1-thread runs side by side:
-    2.65 step/s each, 1.4x the throughput), and a run on one thread is bitwise reproducible (two
-    threads are not: their reductions split differently from run to run). The workers are spawned: a script that calls this
-    needs the usual `if __name__ == "__main__":` guard."""
+    side by side does, and a run on one thread is bitwise reproducible (two threads are not:
+    their reductions split differently from run to run); docs/experiments.md, "Fine-tuning runs
+    side by side; demo timings". The workers are spawned: a script that calls this needs the
+    usual `if __name__ == "__main__":` guard."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from queue import Empty
@@ -236,7 +239,8 @@ def pretrain_base(out_dir: Path, overrides: list[str] = ()) -> Path:
 def package_base(checkpoint: Path, out: Path, command: str) -> Path:
     """A self-contained base folder from a training checkpoint: its model (weights, config,
     vocabulary) plus `recipe.json` (the command, the run's config and final log line).
-    Written beside `out` and renamed, so a failed copy never leaves half a base."""
+    Built in a temp folder that takes `out`'s place when complete (`atomic_dir`), so a failed
+    copy never leaves half a base."""
     import yaml
 
     def stage(checkpoint: Path) -> dict:
@@ -245,23 +249,20 @@ def package_base(checkpoint: Path, out: Path, command: str) -> Path:
         return {"checkpoint": checkpoint.name, "config": yaml.safe_load((run_dir / "config.yaml").read_text()),
                 "final_log": log[-1] if log else {}}
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint / "model", tmp)
     recipe = {"command": command, "preset": PRETRAIN_PRESET, **stage(checkpoint)}
     start = recipe["config"]["model"].get("checkpoint")
     if start and (Path(start) / "model").is_dir() and (Path(start).parent.parent / "config.yaml").is_file():
         recipe["started_from"] = stage(Path(start))   # stage 1 (demo_tags): its config and final log
-    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(checkpoint / "model", tmp, dirs_exist_ok=True)
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     return out
 
 
 def _evaluate(model, cfg, records, out: Path | None, layers: tuple[int, ...], combine: str = "mean",
               split: str = "test"):
     """(`split` summary, the GradcamMaps source) at GradCAM `layers`, the run's head."""
-    from hist_vlm.eval.runner import GradcamMaps, evaluate
+    from hist_vlm.eval.grounding import GradcamMaps, evaluate
 
     source = GradcamMaps(model, layers=list(layers), head=cfg.loss.capture_head, combine=combine)
     report = evaluate(records, source, batch_size=64, progress=False, out=out)
@@ -334,8 +335,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     if val_pointing:
         table += (f" (the base's best single-phrase pointing on {settings.n_val} val scenes: " + ", ".join(
             f"{layers_label(k)} {100 * v:.1f}" for k, v in val_pointing.items()) + ")")
-    (settings.out_dir / "results.md").write_text(table + "\n")
-    (settings.out_dir / "results.json").write_text(json.dumps({
+    atomic_write_text(settings.out_dir / "results.md", table + "\n")
+    atomic_write_text(settings.out_dir / "results.json", json.dumps({
         "base": base_metrics, **metrics,
         "eval_layers": {"chosen": list(layers), "val_pointing": {layers_label(k): v for k, v in val_pointing.items()}},
     }, indent=1))

@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from hist_vlm._io import atomic_dir, atomic_file, atomic_write_text
+
 SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "arrow", "hexagon")
 COLOURS = {
     "red": (215, 35, 35),
@@ -337,17 +339,17 @@ def generate_world(
     grounding_path = root / "grounding.jsonl"
     root.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=sum(counts.values()), desc="synthetic world", unit="img", disable=not progress)
-    with grounding_path.open("w") as gfile:
+    with atomic_file(grounding_path) as gfile:
         for split in SPLITS:
-            (root / "images" / split).mkdir(parents=True, exist_ok=True)
-            (root / "masks" / split).mkdir(parents=True, exist_ok=True)
-            with captions_paths[split].open("w") as cfile:
+            # a split's image and mask folders built whole, then put in place: one temp per folder, not per image
+            with atomic_dir(root / "images" / split) as images, atomic_dir(root / "masks" / split) as masks, \
+                    atomic_file(captions_paths[split]) as cfile:
                 for i in range(counts[split]):
                     scene = render_scene(scene_rng(seed, split, i), config)
                     name = f"{split}_{i:05d}.png"
                     image_rel, mask_rel = f"images/{split}/{name}", f"masks/{split}/{name}"
-                    Image.fromarray(scene.image).save(root / image_rel)
-                    Image.fromarray(scene.id_mask).save(root / mask_rel)
+                    Image.fromarray(scene.image).save(images / name)
+                    Image.fromarray(scene.id_mask).save(masks / name)
                     cfile.write(json.dumps({"image": image_rel, "captions": scene.captions}) + "\n")
                     boxes = {o.id: list(o.box) for o in scene.objects}
                     for q_index, q in enumerate(scene.queries):
@@ -367,7 +369,7 @@ def generate_world(
                     bar.update()
     bar.close()
     manifest = root / "world.json"
-    manifest.write_text(json.dumps({
+    atomic_write_text(manifest, json.dumps({
         "seed": seed, "counts": counts, "config": asdict(config),
         "shapes": SHAPES, "colours": list(COLOURS), "backgrounds": list(BACKGROUNDS),
     }, indent=2))

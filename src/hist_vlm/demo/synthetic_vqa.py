@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from hist_vlm._io import atomic_write_text
+from hist_vlm._io import atomic_dir, atomic_write_text
 from hist_vlm.demo.synthetic import COLOURS, SHAPES, SPLITS, SceneObject, WorldConfig, render_scene, scene_rng
 
 ANNOTATORS = 10
@@ -96,18 +96,18 @@ def generate_vqa_world(
     for code, split in enumerate(SPLITS):
         if not counts[split]:
             continue
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
         records = []
-        for i in range(counts[split]):
-            scene = render_scene(scene_rng(seed, split, i), config)
-            image = f"images/{split}/{split}_{i:05d}.png"
-            Image.fromarray(scene.image).save(root / image)
-            rng = np.random.default_rng([seed, code, i, 1])   # apart from the scene's own stream
-            for k, q in enumerate(_questions(rng, scene.objects)):
-                records.append({"image": image, "question": q.text, "answer": _annotate(rng, q),
-                                "question_id": code * 10**7 + i * _QUESTION_CODE + k,
-                                "answer_type": q.answer_type, "dataset": "vqa"})
-            bar.update()
+        with atomic_dir(root / "images" / split) as images:   # the split's images built whole, then put in place
+            for i in range(counts[split]):
+                scene = render_scene(scene_rng(seed, split, i), config)
+                image = f"images/{split}/{split}_{i:05d}.png"
+                Image.fromarray(scene.image).save(images / Path(image).name)
+                rng = np.random.default_rng([seed, code, i, 1])   # apart from the scene's own stream
+                for k, q in enumerate(_questions(rng, scene.objects)):
+                    records.append({"image": image, "question": q.text, "answer": _annotate(rng, q),
+                                    "question_id": code * 10**7 + i * _QUESTION_CODE + k,
+                                    "answer_type": q.answer_type, "dataset": "vqa"})
+                bar.update()
         paths[split] = root / f"vqa_{split}.json"
         atomic_write_text(paths[split], json.dumps(records))
     bar.close()

@@ -1,13 +1,13 @@
 """`task: tags`: a vision tower taught which words an image's captions use, before caption
 pretraining from scratch.
 
-Why (measured on the demo, README "The demo's base model"): trained from scratch on ITC, ITM
-and MLM, a small model grounds what one patch shows (colour) and never what only an
-arrangement of patches shows (shape): the caption losses pool the image like a mean, in which
-an object of 9-30 of 256 patches drowns, and colour alone already tells a batch's images
-apart. A tower that first learns to say which caption words fit an image, pooled by the MAX
-over its patch tokens (the one patch that holds the evidence gets the gradient), learns
-shapes; caption pretraining from it, with its convolutional stem kept (`optim.freeze`),
+Why (docs/experiments.md, "What taught shapes: a tower tagged with every caption word"):
+trained from scratch on ITC, ITM and MLM, a small model grounds what one patch shows (colour)
+and never what only an arrangement of patches shows (shape): the caption losses pool the image
+like a mean, in which an object of 9-30 of 256 patches drowns, and colour alone already tells a
+batch's images apart. A tower that first learns to say which caption words fit an image, pooled
+by the MAX over its patch tokens (the one patch that holds the evidence gets the gradient),
+learns shapes; caption pretraining from it, with its convolutional stem kept (`optim.freeze`),
 grounds shapes as well as colours. ALBEF starts from an ImageNet-trained ViT for the same
 reason; this is the label-free analogue: the labels are the captions' own words.
 

@@ -283,7 +283,7 @@ def evaluate_retrieval(
     images of each text (ITM match logit; `score="itm+itc"` adds the cosine as BLIP does);
     everything else scores NOT_RERANKED. `preprocess` defaults to the model's eval transform.
     """
-    from hist_vlm.eval.runner import eval_transform, text_length_limit
+    from hist_vlm.eval.grounding import eval_transform, text_length_limit
 
     if k_test < 1:
         raise ValueError(f"k_test must be at least 1, got {k_test}")

@@ -13,7 +13,7 @@ The mask is SAM's logits upsampled to the original image and thresholded at 0 (S
 `post_process_masks`). Metrics (`eval.pointing.IoUMeter`): cIoU = sum of intersections / sum
 of unions over the test set (the referring-segmentation convention) and mean per-query IoU.
 
-Batching: the GradCAM maps come in batches of queries (`eval.runner.map_batches`); SAM encodes
+Batching: the GradCAM maps come in batches of queries (`eval.grounding.map_batches`); SAM encodes
 the distinct images of a batch in chunks of `image_batch`, and decodes all the batch's queries
 in one mask-decoder pass (each query's image embedding indexed by its image).
 """
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from hist_vlm.data.grounding import GroundingRecord
 from hist_vlm.eval.pointing import TOP_K, IoUMeter, top_k_points
-from hist_vlm.eval.runner import MapSource, check_records, distinct_images, format_pct, jsonl_sink, map_batches
+from hist_vlm.eval.grounding import MapSource, check_records, distinct_images, format_pct, jsonl_sink, map_batches
 
 MULTIMASK = ("single", "best")
 DEFAULT_MULTIMASK = "single"
@@ -135,7 +135,7 @@ def load_segment_queries(
     """
     from hist_vlm.data.complex_pairs import TEST_SPLITS, build_complex_pairs
     from hist_vlm.data.grounding import GroundingFileError, read_synthetic
-    from hist_vlm.eval.runner import query_mask
+    from hist_vlm.eval.grounding import query_mask
 
     root = Path(data_root)
     if not root.is_dir():

@@ -28,7 +28,7 @@ from torch import Tensor
 from hist_vlm._io import atomic_write_text
 from hist_vlm.data.grounding import GroundingRecord
 from hist_vlm.eval.pointing import argmax_points, upsample_map
-from hist_vlm.eval.runner import (
+from hist_vlm.eval.grounding import (
     EvalReport,
     GradcamMaps,
     SplitMetrics,

@@ -239,7 +239,7 @@ def answer_questions(model, records, candidates: Sequence[str], roots: dict[str,
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from hist_vlm.eval.runner import eval_transform
+    from hist_vlm.eval.grounding import eval_transform
     from hist_vlm.batch import TextRows
 
     model = model.to(device).eval()

@@ -8,7 +8,7 @@ from PIL import Image
 
 from hist_vlm.data.grounding import GroundingRecord, read_synthetic
 from hist_vlm.demo.synthetic import generate_world
-from hist_vlm.eval.runner import EvalReport, GradcamMaps, evaluate
+from hist_vlm.eval.grounding import EvalReport, GradcamMaps, evaluate
 
 
 @pytest.fixture(scope="module")
