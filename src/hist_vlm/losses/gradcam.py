@@ -29,13 +29,17 @@ COMBINES = ("mean", "product")
 NORMALIZES = ("none", "minmax")
 
 
-def minmax_maps(maps: Tensor, eps: float = 1e-12) -> Tensor:
-    """Per-map min-max to [0, 1] (SelfEQ normalises its GradCAM maps this way): [N, ...] -> [N, ...].
-    Differentiable; a constant map becomes 0."""
+def minmax_maps(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """SelfEQ's per-map min-max, [N, ...] -> [N, ...]: `g -= g.min(); g /= g.max() + 1e-7`
+    (uvavision/SelfEQ `models/model_self_consistency.py`), out of place so it stays differentiable.
+
+    The maximum is taken after the minimum is subtracted, i.e. the map's range: a map lands in
+    [0, r / (r + eps)] for range r. A map whose range is far above eps spans ~[0, 1]; a
+    near-constant one stays near 0 (range 1e-11 -> at most ~1e-4) instead of having its noise
+    stretched to [0, 1]; a constant map becomes 0."""
     flat = maps.flatten(1)
-    lo = flat.min(1, keepdim=True).values
-    hi = flat.max(1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp(min=eps)).view_as(maps)
+    flat = flat - flat.min(1, keepdim=True).values
+    return (flat / (flat.max(1, keepdim=True).values + eps)).view_as(maps)
 
 
 def _token_mean(maps: Tensor, attention_mask: Tensor, recipe: str) -> Tensor:
@@ -107,7 +111,7 @@ def gradcam_maps(
     recipe   "reference" or "train" (module doc)
     create_graph  keep the maps differentiable (training losses); False for evaluation
     text_embeds   optional `encode_text` output to reuse (ALBEF); BLIP ignores it
-    normalize     "none" (raw maps) or "minmax" (each map scaled to [0, 1], `minmax_maps`)
+    normalize     "none" (raw maps) or "minmax" (SelfEQ's per-map min-max, `minmax_maps`)
     """
     if normalize not in NORMALIZES:
         raise ValueError(f"unknown map normalisation {normalize!r} (choose from {NORMALIZES})")

@@ -2,17 +2,27 @@
 
 L_vl      ITC + ITM + l_m MLM (ALBEF) / LM (BLIP) on (image, caption)
 L_phrase  ITC + ITM + l_m MLM/LM on (image, noun phrase C_i)
-          l_m = `mlm_weight` (1; 0 skips the MLM/LM pass: ALBEF's retrieval fine-tuning is ITC + ITM)
+          l_m = `mlm_weight`: None (the default) = 1 when the backbone has a language head (a
+          `MaskedLanguageModel` or a `CaptioningModel`), else no language term; 0 skips the
+          MLM/LM pass (ALBEF's retrieval fine-tuning is ITC + ITM); > 0 on a backbone without
+          a language head is an error when HistLoss is built, never a silent 0
 L_subject ITC + ITM on (image, subject S_i)
 L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`train` recipe,
           create_graph=True) of C_i, C_j and "C_i and C_j" from ONE autograd.grad call.
+          The paper's later version calls it the COMPOSITION loss: one term, two names.
+          `loss.lambda_composition` is an alias of `loss.lambda_add` (give either; both at
+          different values is an error; once built, the weight is in `lambda_add` and
+          `lambda_composition` reads None, so a saved config holds it once); the term is
+          logged as `add` under either name.
           `add_normalize` says what G is (the paper's formula says nothing about scale):
             none          raw maps, the paper's formula as written. Raw maps are small (their
                           sum over patches ~1e-2..1e-1 on the tiny demo model, ~1e-3 on ALBEF-base
                           scale): the term is orders of magnitude below ITC, and G = 0 is a
                           trivial minimum; with the token-mean recipe a composite's map is
                           a mean over twice the tokens, so it is NOT naturally G_i + G_j
-            minmax        each map min-max scaled to [0, 1] first (SelfEQ's normalisation). SelfEQ
+            minmax        each map through SelfEQ's min-max first, g = (g - min) / (max(g - min) + 1e-7)
+                          (`gradcam.minmax_maps`): ~[0, 1] for a map whose range is well above
+                          1e-7, ~0 for a near-constant one (its noise is not stretched). SelfEQ
                           averages its (smooth L1) loss over the cells; this sums over them, so
                           the term grows with the grid: weigh it with lambda_add
             distribution  each side scaled to sum 1: |(G_i + G_j) / sum(G_i + G_j) - G_ij / sum(G_ij)|,
@@ -37,6 +47,7 @@ batch, each rank taking its slice: a step gives the same result on one process a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +59,9 @@ from hist_vlm.losses.itc import ItcLoss
 from hist_vlm.losses.terms import (
     AdditionTerm, CaptionTerm, EncodedText, Itc, Itm, Lm, PhraseTerm, Step, SubjectTerm, TextTerm,
 )
-from hist_vlm.models.base import MomentumTwin, VisionLanguageBackbone
+from hist_vlm.models.base import (
+    CaptioningModel, MaskedLanguageModel, MomentumTwin, VisionLanguageBackbone,
+)
 
 SCHEDULES = ("paper", "constant", "off")
 ADD_NORMALIZES = ("none", "minmax", "distribution")
@@ -59,10 +72,14 @@ class HistLossConfig:
     schedule: str = "paper"
     lambda_phrase: float = 1.0
     lambda_subject: float = 1.0
-    lambda_add: float = 1.0
+    #: the addition (composition) loss's weight; None = 1, or `lambda_composition` if given
+    lambda_add: float | None = None
+    #: alias of `lambda_add` (the paper's later name, module doc); resolved into lambda_add
+    lambda_composition: float | None = None
     add_normalize: str = "none"            # what the addition loss compares (module doc)
     #: cross-attention layers (0-based) for the addition-loss GradCAM; None = the backbone's
-    #: `default_capture_layers` (ALBEF: 2 = BERT layer 8; BLIP: 8 = the paper's 9th layer)
+    #: `default_capture_layers` (ALBEF: 2 = BERT layer 8; BLIP: 8 = the paper's 9th layer).
+    #: Checked against the backbone when HistLoss is built
     capture_layers: tuple[int, ...] | None = None
     capture_head: int | None = None        # None = mean over heads (the paper)
     capture_combine: str = "mean"          # or "product" (Table 7)
@@ -71,12 +88,14 @@ class HistLossConfig:
     alpha: float = 0.4                     # distillation weight, ramped over epoch 0 (ALBEF)
     mlm_probability: float = 0.15
     #: masking rate of the tokens of the corpus's subject words (HistLoss's `subject_ids`);
-    #: None = `mlm_probability` like every other token
+    #: None = `mlm_probability` like every other token. Needs a masked-LM backbone (ALBEF)
     mlm_subject_probability: float | None = None
-    mlm_weight: float = 1.0                # 0: no MLM/LM pass at all (ALBEF's Retrieval.py trains ITC + ITM)
+    #: l_m. None: 1 if the backbone has a language head, else no language term; 0: no MLM/LM
+    #: pass at all (ALBEF's Retrieval.py trains ITC + ITM); > 0 needs a language head
+    mlm_weight: float | None = None
     itm_hard_negatives: bool = True       # False: uniform over the non-positives
     itm_group_size: int | None = None      # negatives among groups of this many images (None: local batch)
-    paper_ramp_epochs: float = 2.0
+    paper_ramp_epochs: float = 2.0         # the paper schedule's w(t) reaches 0 after this many epochs (> 0)
     seed: int = 0                          # shared by all ranks: negatives and masks
 
     def __post_init__(self) -> None:
@@ -84,14 +103,60 @@ class HistLossConfig:
             raise ValueError(f"unknown HIST schedule {self.schedule!r} (choose from {SCHEDULES})")
         if self.capture_combine not in ("mean", "product"):
             raise ValueError(f"unknown capture_combine {self.capture_combine!r} (mean or product)")
-        if self.mlm_weight < 0:
-            raise ValueError(f"mlm_weight must be >= 0, got {self.mlm_weight}")
-        for name in ("mlm_probability", "mlm_subject_probability"):
+        if self.add_normalize not in ADD_NORMALIZES:
+            raise ValueError(f"unknown add_normalize {self.add_normalize!r} (choose from {ADD_NORMALIZES})")
+        for name in ("lambda_phrase", "lambda_subject", "lambda_add", "lambda_composition", "mlm_weight"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("mlm_probability", "mlm_subject_probability", "momentum", "alpha"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if self.add_normalize not in ADD_NORMALIZES:
-            raise ValueError(f"unknown add_normalize {self.add_normalize!r} (choose from {ADD_NORMALIZES})")
+        if not (math.isfinite(self.paper_ramp_epochs) and self.paper_ramp_epochs > 0):
+            raise ValueError(f"paper_ramp_epochs must be a finite number > 0, got {self.paper_ramp_epochs}")
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        if self.itm_group_size is not None and self.itm_group_size < 1:
+            raise ValueError(f"itm_group_size must be >= 1 (or null: the local batch), got {self.itm_group_size}")
+        if self.capture_head is not None and self.capture_head < 0:
+            raise ValueError(f"capture_head must be >= 0 (or null: the mean over heads), got {self.capture_head}")
+        if self.capture_layers is not None:
+            if not self.capture_layers:
+                raise ValueError("capture_layers is empty: give at least one layer, or null for the backbone's default")
+            if any(x < 0 for x in self.capture_layers):
+                raise ValueError(f"capture_layers must be 0-based layer indices >= 0, got {list(self.capture_layers)}")
+        add, composition = self.lambda_add, self.lambda_composition
+        if add is not None and composition is not None and add != composition:
+            raise ValueError(f"lambda_composition is an alias of lambda_add (the same term): got lambda_add={add} "
+                             f"and lambda_composition={composition}; give one")
+        self.lambda_add = next((x for x in (add, composition) if x is not None), 1.0)
+        self.lambda_composition = None
+
+
+def check_backbone(config: HistLossConfig, model: VisionLanguageBackbone) -> float:
+    """What `config` asks of `model`, checked before any step runs: a ValueError naming the
+    `loss.*` key for a capture layer or head the model does not have, a language term or a
+    subject masking rate it cannot compute. Returns l_m, `mlm_weight` resolved (module doc)."""
+    n_layers, n_heads = model.num_cross_attention_layers, model.num_cross_attention_heads
+    bad = [x for x in (config.capture_layers or ()) if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"loss.capture_layers: layer {bad[0]} does not exist: the {model.name} backbone has "
+                         f"{n_layers} cross-attention layers (0..{n_layers - 1})")
+    if config.capture_head is not None and not 0 <= config.capture_head < n_heads:
+        raise ValueError(f"loss.capture_head: head {config.capture_head} does not exist: the {model.name} "
+                         f"backbone's cross-attention has {n_heads} heads (0..{n_heads - 1})")
+    has_lm = isinstance(model, (MaskedLanguageModel, CaptioningModel))
+    if config.mlm_weight is not None and config.mlm_weight > 0 and not has_lm:
+        raise ValueError(f"loss.mlm_weight={config.mlm_weight}: the {model.name} backbone cannot compute the "
+                         "language (MLM/LM) term: it is neither a MaskedLanguageModel nor a CaptioningModel "
+                         "(BLIP: build it with its decoder); set loss.mlm_weight=0")
+    if config.mlm_subject_probability is not None and not isinstance(model, MaskedLanguageModel):
+        raise ValueError(f"loss.mlm_subject_probability={config.mlm_subject_probability}: the {model.name} "
+                         "backbone has no masked LM (not a MaskedLanguageModel) whose masking it could set")
+    if config.mlm_weight is None:
+        return 1.0 if has_lm else 0.0
+    return config.mlm_weight
 
 
 def hist_weight(schedule: str, progress: float, ramp_epochs: float = 2.0) -> float:
@@ -116,15 +181,16 @@ class HistLoss(nn.Module):
         captions, masked at `mlm_subject_probability` (the trainer passes them)."""
         super().__init__()
         cfg = self.config = config
+        lm_weight = check_backbone(config, model)
         queue_size = config.queue_size if model.momentum_twin() is not None else 0
         self.itc = ItcLoss(model.embed_dim, queue_size)
         #: the vision-language terms, in the order they run (and draw)
         self.vl_terms = {"itc": Itc(self.itc), "itm": Itm(cfg.itm_hard_negatives, cfg.itm_group_size),
                          "mlm": Lm(cfg.mlm_probability, cfg.mlm_subject_probability, subject_ids)}
-        self.vl = CaptionTerm(cfg.mlm_weight)
+        self.vl = CaptionTerm(lm_weight)
         layers = tuple(int(x) for x in (cfg.capture_layers or model.default_capture_layers))
         self.terms: list[tuple[str, float, TextTerm | AdditionTerm]] = [
-            ("phrase", cfg.lambda_phrase, PhraseTerm(cfg.mlm_weight)),
+            ("phrase", cfg.lambda_phrase, PhraseTerm(lm_weight)),
             ("subject", cfg.lambda_subject, SubjectTerm()),
             ("add", cfg.lambda_add, AdditionTerm(layers, cfg.capture_head, cfg.capture_combine, cfg.add_normalize)),
         ]

@@ -13,6 +13,7 @@ Named terms are what the objective sums and logs, `term(step) -> (loss, {key: va
   PhraseTerm   L_phrase   ITC + ITM + l_m LM on noun phrases C_i   phrase_itc, phrase_itm, phrase_mlm
   SubjectTerm  L_subject  ITC + ITM on subjects S_i                subject_itc, subject_itm
   AdditionTerm L_add      GradCAM sum rule on (C_i, C_j, "C_i and C_j")   add
+               (the paper's later "composition loss": the same term, logged as `add`)
 A text term is a `kind` (a HistBatch field), a key prefix and the vision-language `parts` it
 sums: a new one is a three-line subclass of `TextTerm` plus its (name, lambda, term) entry in
 `HistLoss.terms`; HistLoss encodes its kind and runs its parts with the others.
@@ -122,7 +123,9 @@ class Itm:
 class Lm:
     """Language modelling per kind: masked LM with momentum distillation for a
     `MaskedLanguageModel` (ALBEF), captioning LM for a `CaptioningModel` (BLIP with its
-    decoder), else 0. Every kind's masks are drawn before any head runs (the draw order).
+    decoder); any other backbone has no language term (HistLoss refuses `mlm_weight > 0` for
+    it when built, `hist.check_backbone`, and never runs this). Every kind's masks are drawn
+    before any head runs (the draw order).
     `subject_ids` [K] (the token ids of the corpus's subject words) are masked with
     `subject_probability` instead of `probability` when both are given."""
 
@@ -136,7 +139,8 @@ class Lm:
         if not isinstance(model, MaskedLanguageModel):
             if isinstance(model, CaptioningModel):
                 return [model.lm_loss(rows, step.image_embeds) for rows in rows_of]
-            return [step.image_embeds.new_zeros(()) for _ in rows_of]
+            raise RuntimeError(f"the {model.name} backbone has no language head (neither a MaskedLanguageModel "
+                               "nor a CaptioningModel): the MLM/LM term cannot be computed")
         tok = model.mask_tokens
         masked = []
         for rows in rows_of:
@@ -233,7 +237,7 @@ class AdditionTerm:
 
 def addition_loss(g_i: Tensor, g_j: Tensor, g_ij: Tensor, normalize: str = "none", eps: float = 1e-12) -> Tensor:
     """sum over patches |G_i + G_j - G_ij|, averaged over pairs (all ranks): [n, gh, gw] x3 -> scalar.
-    `normalize` (hist.py's module doc): "none", "minmax" (each map to [0, 1] first) or
+    `normalize` (hist.py's module doc): "none", "minmax" (SelfEQ's min-max of each map first) or
     "distribution" (the parts' sum and the composite each scaled to sum 1). Every map gets
     the term's gradient, as in SelfEQ's loss between its two maps."""
     if normalize == "minmax":

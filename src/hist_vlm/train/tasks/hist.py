@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hist_vlm.data.dataset import GlobalBatchSampler, HistCollate, HistDataset, ImageRecord, read_parse_output
-from hist_vlm.losses.hist import HistLoss
+from hist_vlm.losses.hist import HistLoss, check_backbone
 from hist_vlm.models.base import MaskedLanguageModel
-from hist_vlm.train.config import TrainConfig
+from hist_vlm.train.config import ConfigError, TrainConfig
 from hist_vlm.train.data import prepare_data
 from hist_vlm.train.distributed import Environment
 from hist_vlm.train.model import build_model, derive_vocabulary
@@ -43,6 +43,15 @@ class HistTask:
         return build_model(self.cfg.model, self.cfg.data.image_size, self.vocab, self.vocab_file)
 
     def objective(self, model) -> torch.nn.Module:
+        """`HistLoss`; a `loss.*` setting the model cannot honour (a capture layer or head it does
+        not have, a language term it cannot compute) is a ConfigError here, before any step."""
+        try:
+            lm_weight = check_backbone(self.cfg.loss, model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.cfg.loss.mlm_weight is None and lm_weight == 0 and self.env.is_main:
+            tqdm.write(f"note: no language (MLM/LM) term: the {model.name} backbone has no language head "
+                       "(loss.mlm_weight is unset; set it to 0 to silence this, or give a model with one)")
         subject_ids = None
         if self.cfg.loss.mlm_subject_probability is not None and isinstance(model, MaskedLanguageModel):
             subject_ids = subject_token_ids(model, self.records)
