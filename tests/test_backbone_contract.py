@@ -1,6 +1,6 @@
 """The backbone contract, on every registered backbone's "tiny" size: the protocol's typed
-members agree with what the model computes, and every backbone saves and loads the same way,
-so that a training checkpoint evaluates as the model that wrote it."""
+members agree with what the model computes, its evaluation map fits it, and every backbone
+saves and loads the same way, so that a training checkpoint evaluates as the model that wrote it."""
 from dataclasses import replace
 
 import pytest
@@ -49,6 +49,25 @@ def test_typed_members_agree_with_the_computation(name):
     assert model.default_capture_layers and all(0 <= x < len(layers) for x in model.default_capture_layers)
     twin = model.momentum_twin()
     assert twin is None or isinstance(twin, MomentumTwin)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_the_evaluation_map_is_valid_and_computes(name):
+    """Every backbone's evaluation map (declared with `register(eval_map=...)`, else its
+    `default_capture_layers` with the head mean) fits the tiny model and gives its maps."""
+    from hist_vlm.models.registry import EvalMap, declared_eval_map, eval_map_of
+
+    model = tiny_backbone(name).eval()
+    spec = eval_map_of(model)
+    assert isinstance(spec, EvalMap) and spec.combine in ("mean", "product")
+    spec.check(model.num_cross_attention_layers, model.num_cross_attention_heads)
+    if declared_eval_map(model) is None:
+        assert spec == EvalMap(model.default_capture_layers)
+    ids, mask = model.tokenize(TEXTS)
+    rows = TextRows(ids, mask, torch.tensor([0, 1]))
+    maps = gradcam_maps(model, model.encode_image(torch.randn(2, 3, model.image_size, model.image_size)), rows,
+                        layers=spec.layers, head=spec.head, combine=spec.combine, recipe="reference")
+    assert maps.shape == (2, *model.patch_grid) and torch.isfinite(maps).all()
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -240,3 +240,26 @@ def test_preset_fine_tunes_a_checkpoint_at_a_valid_layer():
     assert base.vision_config.image_size == cfg.data.image_size and cfg.loss.queue_size == 0
     with pytest.raises(ConfigError, match="model.checkpoint is required"):
         build_model(cfg.model, cfg.data.image_size)
+
+
+def test_no_language_term_is_offered_and_the_preset_says_so():
+    """BLIP-2's ITG needs the Q-Former's LM head: no transformers class has one (if a version
+    adds it, this fails and the LM term can be offered), so blip2 is not a CaptioningModel, a
+    language term is a start-up error, and the preset sets `loss.mlm_weight: 0` explicitly."""
+    from dataclasses import replace
+
+    from transformers import Blip2QFormerModel
+
+    from hist_vlm.losses.hist import HistLoss, HistLossConfig, check_backbone
+    from hist_vlm.train.config import load_config
+
+    model = _tiny()
+    assert not isinstance(model, (CaptioningModel, MaskedLanguageModel))
+    bare = Blip2QFormerModel(model.retrieval.config.qformer_config)
+    for hf in (model.retrieval, bare):  # the retrieval model and the bare Q-Former: no LM head
+        assert hf.get_output_embeddings() is None
+        assert not any(n.split(".")[-1] in {"cls", "lm_head", "predictions"} for n, _ in hf.named_modules())
+    with pytest.raises(ValueError, match=r"^loss\.mlm_weight=1\.0: the blip2 backbone cannot compute the language"):
+        HistLoss(HistLossConfig(mlm_weight=1.0), model)
+    cfg = load_config("blip2_coco")
+    assert cfg.loss.mlm_weight == 0 and check_backbone(replace(cfg.loss, capture_layers=[1]), model) == 0

@@ -1,5 +1,6 @@
 """What several model commands share: the model options of the eval commands, the device choice,
-and loading a checkpoint as a model or a GradCAM map source (one-line errors for user mistakes)."""
+and loading a checkpoint as a model or as a GradCAM map source on the backbone's evaluation map
+(one-line errors for user mistakes)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,22 +38,49 @@ def load_model(config: Optional[Path], checkpoint: Path, image_size=None):
         raise typer.BadParameter(str(e)) from None
 
 
+def eval_map_choice(model, cfg, layers, head, combine):
+    """(EvalMap, where it came from) for the GradCAM maps of an evaluation. Each of the options
+    (`layers`, `head`, `combine`; empty / None: not given) overrides its field of the default:
+    the evaluation map the backbone declares (`register(eval_map=...)`, the paper's map), else
+    (a backbone that declares none, e.g. the demo's) the training config's
+    `loss.capture_layers/capture_head/capture_combine`, else the backbone's
+    `default_capture_layers` with the head mean. ValueError for a map the model cannot take."""
+    from hist_vlm.models.registry import EvalMap, declared_eval_map
+
+    declared = declared_eval_map(model)
+    if declared is not None:
+        base, origin = declared, f"{model.name}'s declared evaluation map"
+    elif cfg is not None:
+        base = EvalMap(tuple(cfg.loss.capture_layers or model.default_capture_layers), cfg.loss.capture_head,
+                       cfg.loss.capture_combine)
+        origin = f"the training config's loss.capture_*; {model.name} declares no evaluation map"
+    else:
+        base = EvalMap(tuple(model.default_capture_layers))
+        origin = f"{model.name}'s default_capture_layers, head mean; it declares no evaluation map"
+    given = [opt for opt, value in (("--layer", layers), ("--head", head), ("--combine", combine))
+             if value is not None and value != [] and value != ()]
+    spec = EvalMap(tuple(layers or base.layers), base.head if head is None else head, combine or base.combine)
+    spec.check(model.num_cross_attention_layers, model.num_cross_attention_heads)
+    if not given:
+        return spec, origin
+    return spec, ", ".join(given) + ("" if len(given) == 3 else f"; the rest: {origin}")
+
+
 def gradcam_source(config: Optional[Path], checkpoint: Path, layers, head, combine, device, image_size=None):
-    """(map source, training config or None) from the CLI's model options. The config supplies
-    the backbone name and the GradCAM layer/head/combination of training, which the options
-    override. User mistakes become one-line errors."""
+    """(map source, training config or None, the line that says which map) from the CLI's model
+    options. The config names the backbone; the map is the backbone's evaluation map, each field
+    overridden by its option (`eval_map_choice`). The commands print the line on stderr once
+    their inputs are checked. User mistakes become one-line errors."""
     from hist_vlm.eval.grounding import GradcamMaps
 
     model, cfg = load_model(config, checkpoint, image_size)
-    if cfg is not None:
-        layers = layers or list(cfg.loss.capture_layers or [])
-        head = cfg.loss.capture_head if head is None else head
-        combine = combine or cfg.loss.capture_combine
     try:
-        return GradcamMaps(model, layers=layers, head=head, combine=combine or "mean",
-                           device=resolve_device(device)), cfg
+        spec, origin = eval_map_choice(model, cfg, layers, head, combine)
+        source = GradcamMaps(model, layers=spec.layers, head=spec.head, combine=spec.combine,
+                             device=resolve_device(device))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    return source, cfg, f"GradCAM map: {spec.describe()} ({origin})"
 
 
 def sweep_source(config: Optional[Path], checkpoint: Path, device, image_size, grid: dict):

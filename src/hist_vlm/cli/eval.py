@@ -35,9 +35,9 @@ def pointing(
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     num_workers: int = NUM_WORKERS,
     device: str = DEVICE,
-    layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based; default: the config's loss.capture_layers."),
-    head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
-    combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
+    layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based; default: the backbone's evaluation map (docs/evaluation.md)."),
+    head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: the backbone's evaluation map's (ALBEF: head mean)."),
+    combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps; default: the evaluation map's."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (RefCOCO+/ReferIt: 384)."),
     sweep: bool = typer.Option(False, "--sweep", help="The layer/head study (paper Table 7): every setting of the --sweep-* grid in one pass (docs/sweep.md)."),
     sweep_layers: Optional[str] = typer.Option(None, "--sweep-layers", help="Layers of the sweep, 0-based: all (default) | 6,7,8 | 6-8."),
@@ -49,8 +49,10 @@ def pointing(
     """Pointing-game accuracy per split (and multi-object metrics on the synthetic world).
 
     Composite ("A and B") queries also report any-box pointing, the share whose top-4 points
-    hit both objects, and the cIoU of the masks those points pick. With --sweep, a grid of
-    GradCAM layers, heads and layer combinations is scored in one pass over the data.
+    hit both objects, and the cIoU of the masks those points pick. The GradCAM map is the
+    backbone's evaluation map (the paper's; 0-based, ALBEF: layer 2, head mean; BLIP: the mean
+    of layers 7 and 8 at head 9); --layer/--head/--combine override it. With --sweep, a grid
+    of GradCAM layers, heads and layer combinations is scored in one pass over the data.
     """
     from hist_vlm.data.grounding import GroundingFileError, load_benchmark
     from hist_vlm.eval.grounding import evaluate
@@ -64,9 +66,9 @@ def pointing(
     if not sweep and (sweep_csv is not None or any(v is not None for v in grid.values())):
         raise typer.BadParameter("the --sweep-* options need --sweep")
     if sweep:
-        source, cfg = sweep_source(config, checkpoint, device, image_size, grid)
+        (source, cfg), map_line = sweep_source(config, checkpoint, device, image_size, grid), None
     else:
-        source, cfg = gradcam_source(config, checkpoint, layers, head, combine, device, image_size)
+        source, cfg, map_line = gradcam_source(config, checkpoint, layers, head, combine, device, image_size)
     if data_root is None:
         if data != "synthetic":
             raise typer.BadParameter("--data-root is required for real benchmarks")
@@ -81,6 +83,8 @@ def pointing(
         what = f"sweep of {len(source.settings)} settings, layers {list(source.layers)} captured in one pass"
     else:
         what = f"layers {list(source.layers)}, head {source.head if source.head is not None else 'mean'}"
+    if map_line is not None:
+        typer.echo(map_line, err=True)
     typer.echo(f"{len(records)} queries from {data} ({data_root}); {what}, device {source.device}")
     try:
         report = (evaluate_sweep if sweep else evaluate)(
@@ -204,7 +208,7 @@ def segment(
         segmenter = SamSegmenter(sam, device=dev, multimask=multimask, image_batch=sam_batch)
     except SamLoadError as e:
         raise typer.BadParameter(str(e)) from None
-    source, cfg = gradcam_source(config, checkpoint, [], None, None, dev, image_size)
+    source, cfg, map_line = gradcam_source(config, checkpoint, [], None, None, dev, image_size)
     data_root = data_root or Path(cfg.run.dir) / "world"
     try:
         records, gold_mask, what = load_segment_queries(data, data_root, image_root=image_root, splits=split, seed=seed)
@@ -212,6 +216,7 @@ def segment(
         raise typer.BadParameter(str(e)) from None
     if not records:
         raise typer.BadParameter(f"no queries in {data_root} for splits {split or 'default'}")
+    typer.echo(map_line, err=True)
     typer.echo(f"{what}; layers {list(source.layers)}, SAM {sam} ({multimask}), device {dev}")
     try:
         report, rows = evaluate_segmentation(records, source, segmenter, gold_mask, batch_size=batch_size,

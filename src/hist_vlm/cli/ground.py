@@ -16,20 +16,21 @@ def ground(
     text: str = typer.Argument(..., help='What to find, e.g. "a dog and a frisbee".'),
     checkpoint: Path = CHECKPOINT,
     out: Path = typer.Option(Path("heat.png"), "--out", help="The figure (PNG, PDF, ...)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Training preset name or config YAML (for its GradCAM layer/head)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training preset name or config YAML (names the backbone; its GradCAM layer/head for a backbone that declares no evaluation map)."),
     device: str = DEVICE,
-    layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based."),
-    head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: head mean."),
-    combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps."),
+    layers: list[int] = typer.Option([], "--layer", help="Cross-attention layer(s), 0-based; default: the backbone's evaluation map (docs/evaluation.md)."),
+    head: Optional[int] = typer.Option(None, "--head", help="One attention head (0-based); default: the evaluation map's (ALBEF: head mean)."),
+    combine: Optional[str] = typer.Option(None, "--combine", help="mean | product of several layers' maps; default: the evaluation map's."),
     side_by_side: bool = typer.Option(True, "--side-by-side/--overlay-only",
                                       help="Show the untouched image left of the overlay."),
     alpha: float = typer.Option(0.8, "--alpha", min=0.0, max=1.0, help="Overlay opacity at the map's peak."),
 ) -> None:
     """Heatmap of where the model grounds TEXT in IMAGE.
 
-    The GradCAM map blended over the image by its value (low values leave the image as it
-    is), the top-4 points starred (the paper's Figure 3), the pointing-game point ringed, and
-    the untouched image beside it.
+    The GradCAM map (the backbone's evaluation map, as `eval pointing`; --layer/--head/--combine
+    override it) blended over the image by its value (low values leave the image as it is), the
+    top-4 points starred (the paper's Figure 3), the pointing-game point ringed, and the
+    untouched image beside it.
     """
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -43,7 +44,8 @@ def ground(
             picture = im.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise typer.BadParameter(f"{image}: not a readable image ({e.__class__.__name__})") from None
-    source, _ = gradcam_source(config, checkpoint, layers, head, combine, device)
+    source, _, map_line = gradcam_source(config, checkpoint, layers, head, combine, device)
+    typer.echo(map_line, err=True)
     pixels = source.preprocess(picture)[None]  # [1, 3, S, S]
     heat = source(pixels, [text], torch.zeros(1, dtype=torch.long))[0].cpu()  # [gh, gw]
     points = save_heatmap(picture, heat, out, title=text, alpha=alpha, show_image=side_by_side)

@@ -150,7 +150,7 @@ def check_backbone(config: HistLossConfig, model: VisionLanguageBackbone) -> flo
     if config.mlm_weight is not None and config.mlm_weight > 0 and not has_lm:
         raise ValueError(f"loss.mlm_weight={config.mlm_weight}: the {model.name} backbone cannot compute the "
                          "language (MLM/LM) term: it is neither a MaskedLanguageModel nor a CaptioningModel "
-                         "(BLIP: build it with its decoder); set loss.mlm_weight=0")
+                         "(BLIP: give model.params.decoder, a BlipForConditionalGeneration folder); set loss.mlm_weight=0")
     if config.mlm_subject_probability is not None and not isinstance(model, MaskedLanguageModel):
         raise ValueError(f"loss.mlm_subject_probability={config.mlm_subject_probability}: the {model.name} "
                          "backbone has no masked LM (not a MaskedLanguageModel) whose masking it could set")

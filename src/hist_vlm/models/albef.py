@@ -41,7 +41,7 @@ from hist_vlm.models.base import (
     captured_output,
     capture_layers,
 )
-from hist_vlm.models.registry import register
+from hist_vlm.models.registry import EvalMap, register
 from hist_vlm.models.tokenization import AlbefTokenizer
 
 # Names that ALBEF's YAML / config_bert.json use for the same sizes.
@@ -472,7 +472,12 @@ class _AlbefTowers(abc.ABC):
         return self._towers().text.mlm_logits(input_ids, attention_mask, image_embeds, image_index, positions)
 
 
-@register("albef", sizes={"tiny": TINY, "small": SMALL, "base": {}}, derives_vocab=True)
+#: the paper's ALBEF evaluation map (ALBEF's Grounding.py, SelfEQ): the 3rd cross-attention layer
+#: (BERT block 8 of ALBEF-base), head mean; the last layer on a model with fewer (`EvalMap.fitted`)
+PAPER_EVAL_MAP = EvalMap(layers=(2,), head=None, combine="mean")
+
+
+@register("albef", sizes={"tiny": TINY, "small": SMALL, "base": {}}, derives_vocab=True, eval_map=PAPER_EVAL_MAP)
 class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
     """ALBEF with ITC projections, ITM head, learnable `temp` and (optionally) momentum copies.
 

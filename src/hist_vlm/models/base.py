@@ -130,9 +130,10 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
     @property
     @abc.abstractmethod
     def default_capture_layers(self) -> tuple[int, ...]:
-        """GradCAM layer(s) when none are configured, for training and evaluation alike. Each
-        should have layers above it where the ITM head reads one token (ALBEF, BLIP: at the
-        last cross-attention layer only [CLS] reaches the head, so the map ignores the text)."""
+        """GradCAM layer(s) when none are configured, for training (and for evaluation when the
+        backbone declares no evaluation map: `registry.register(eval_map=...)`). Each should
+        have layers above it where the ITM head reads one token (ALBEF, BLIP: at the last
+        cross-attention layer only [CLS] reaches the head, so the map ignores the text)."""
 
     # ---------------------------------------------------------------- towers
     @abc.abstractmethod

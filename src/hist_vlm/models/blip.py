@@ -12,10 +12,22 @@ evaluation maps "L8H10" and "L9H10" (1-based, Table 7) are (layer 7, head 9) and
 ITM token: original BLIP/LAVIS replace [CLS] by [ENC] for the image-grounded encoder; HF's
 forward does not. We follow the original (id of "[ENC]" in the tokenizer, else bos + 1 =
 30523 for the released 30524-token vocabularies); `use_enc_token=False` gives HF's behaviour.
+
+Language modelling (the LM term of BLIP's ITC + ITM + LM objective): transformers has no class
+with all three heads, so the captioning decoder comes from a second folder. A transformers
+`BlipForImageTextRetrieval` folder loads with `model.params.decoder` = a
+`BlipForConditionalGeneration` folder of the same family (blip-itm-large-coco with
+blip-image-captioning-large: ViT-L/16 + BERT-base, 30524 tokens); its `text_decoder` is kept, its
+vision tower dropped (the decoder reads the retrieval model's image tokens), and the model is a
+`BlipCaptioner` (a `CaptioningModel`). Without a decoder it is a plain `BlipBackbone`, and
+`loss.mlm_weight > 0` is a start-up error (`losses.hist.check_backbone`), never a silent 0.
+A `BlipCaptioner` saves its decoder with it (`save_pretrained`) and reloads as a captioner.
 """
 from __future__ import annotations
 
 import copy
+import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,13 +53,14 @@ from hist_vlm.models.base import (
     captured_output,
     capture_layers,
 )
-from hist_vlm.models.registry import ForeignFormat, register, transformers_model_type
+from hist_vlm.models.registry import EvalMap, ForeignFormat, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
 
 #: BLIP's training text length (blip_retrieval / blip_pretrain)
 DEFAULT_MAX_LENGTH = 35
 #: the paper's BLIP evaluation map: mean of L8H10 and L9H10 (1-based) =
-#: gradcam_maps(..., layers=PAPER_EVAL_LAYERS, head=PAPER_EVAL_HEAD, combine="mean")
+#: gradcam_maps(..., layers=PAPER_EVAL_LAYERS, head=PAPER_EVAL_HEAD, combine="mean"); declared as
+#: the backbone's evaluation map (`register(eval_map=...)`, fitted to smaller models)
 PAPER_EVAL_LAYERS = (7, 8)
 PAPER_EVAL_HEAD = 9
 
@@ -82,18 +95,69 @@ def _is_transformers_blip(path: Path) -> bool:
     return transformers_model_type(path) == "blip"
 
 
+#: the `model.params` a transformers BLIP folder takes (the folder stores none of them)
+_FOREIGN_KEYS = ("decoder", "use_enc_token", "temp")
+
+
+def decoder_folder(value: Any, checkpoint: Path) -> Path:
+    """The folder `model.params.decoder` names: an absolute path as is; a relative one from the
+    working directory (as `model.checkpoint` is read), else beside `checkpoint` (a sibling
+    folder). A ValueError, one line, when it is not a path or names no folder."""
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise ValueError(f"model.params.decoder={value!r}: give the path of a transformers "
+                         "BlipForConditionalGeneration folder (its text decoder is the LM head)")
+    given = Path(value).expanduser()
+    tried = [given] if given.is_absolute() else [given, Path(checkpoint).parent / given]
+    for folder in tried:
+        if folder.is_dir():
+            return folder
+    raise ValueError(f"model.params.decoder: no folder {' or '.join(map(str, dict.fromkeys(tried)))} "
+                     "(a transformers BlipForConditionalGeneration folder, e.g. blip-image-captioning-large)")
+
+
 def _load_transformers(path: Path, params: dict, image_size: int | None, verbose: bool) -> "BlipBackbone":
-    return BlipBackbone.from_transformers(path, **params).eval()
+    """`model.params`: `decoder` (the BlipForConditionalGeneration folder whose text decoder
+    gives the LM term; without it no language term), `use_enc_token`, `temp`."""
+    unknown = sorted(set(params) - set(_FOREIGN_KEYS))
+    if unknown:
+        raise ValueError(f"model.params.{unknown[0]} is not a setting of a transformers BLIP folder "
+                         f"(known: {', '.join(_FOREIGN_KEYS)})")
+    params = dict(params)
+    decoder = params.pop("decoder", None)
+    decoder_path = decoder_folder(decoder, path) if decoder is not None else None
+    model = BlipBackbone.from_transformers(path, decoder_path=decoder_path, **params).eval()
+    if verbose:
+        print(f"loaded BLIP {path}" + (f" with the captioning decoder of {decoder_path}" if decoder_path else
+                                       " without a captioning decoder (no LM term; model.params.decoder adds one)"),
+              file=sys.stderr)
+    return model
 
 
 _BUILD_KEYS = ("size", "image_size", "transformers", "with_decoder", "decoder", "use_enc_token", "temp", "tokenizer")
 
 
+def check_decoder(retrieval: BlipForImageTextRetrieval, decoder: BlipTextLMHeadModel) -> None:
+    """ValueError (one line) when `decoder` cannot serve `retrieval`: it must share the
+    vocabulary (one tokenizer feeds both) and cross-attend to image tokens of the retrieval
+    model's vision width (it reads the retrieval model's `encode_image`)."""
+    text, vision, dec = retrieval.config.text_config, retrieval.config.vision_config, decoder.config
+    if not dec.is_decoder or not getattr(dec, "encoder_hidden_size", None):
+        raise ValueError("the BLIP captioning decoder has no cross-attention (is_decoder=False)")
+    if dec.vocab_size != text.vocab_size:
+        raise ValueError(f"the BLIP captioning decoder has a {dec.vocab_size}-token vocabulary, the retrieval "
+                         f"model {text.vocab_size}: give the decoder of the same BLIP release")
+    if dec.encoder_hidden_size != vision.hidden_size:
+        raise ValueError(f"the BLIP captioning decoder reads {dec.encoder_hidden_size}-wide image tokens, the "
+                         f"retrieval model's ViT gives {vision.hidden_size}: pair ViT sizes (large with large, "
+                         "e.g. blip-itm-large-coco with blip-image-captioning-large; base with base)")
+
+
 @register(
     "blip",
     sizes={"tiny": {"size": "tiny", "with_decoder": True}, "base": {"size": "base", "with_decoder": True}},
-    foreign=(ForeignFormat("a transformers BlipForImageTextRetrieval folder", _is_transformers_blip,
-                           _load_transformers),),
+    foreign=(ForeignFormat("a transformers BlipForImageTextRetrieval folder (LM: model.params.decoder)",
+                           _is_transformers_blip, _load_transformers),),
+    eval_map=EvalMap(layers=PAPER_EVAL_LAYERS, head=PAPER_EVAL_HEAD, combine="mean"),
 )
 class BlipBackbone(VisionLanguageBackbone):
     """BLIP ITC/ITM implementing the protocol; with a captioning decoder it is a `BlipCaptioner`."""
@@ -124,6 +188,8 @@ class BlipBackbone(VisionLanguageBackbone):
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens but the BLIP text model only {text_cfg.vocab_size}"
             )
+        if decoder is not None:
+            check_decoder(retrieval, decoder)
         self.enc_token_id = self._enc_token_id(text_cfg) if use_enc_token else None
         # BLIP keeps its ITC temperature in the model (learnable, like ALBEF); HF drops it.
         self.temp = nn.Parameter(torch.tensor(float(temp)))
@@ -175,6 +241,9 @@ class BlipBackbone(VisionLanguageBackbone):
         unknown = sorted(set(config) - set(_BUILD_KEYS))
         if unknown:
             raise ValueError(f"unknown BLIP config key {unknown[0]!r}; known: {', '.join(sorted(_BUILD_KEYS))}")
+        if isinstance(config.get("decoder"), (str, Path)):
+            raise ValueError(f"decoder={config['decoder']!r} is a folder: it is read with a transformers BLIP "
+                             "model.checkpoint; a model built from scratch takes with_decoder: true")
         if config.get("transformers") is not None:
             hf = BlipConfig.from_dict(config["transformers"])
         else:
@@ -208,18 +277,34 @@ class BlipBackbone(VisionLanguageBackbone):
     def from_transformers(
         cls, path: str | Path, *, decoder_path: str | Path | None = None, **kwargs
     ) -> "BlipBackbone":
-        """Load a `BlipForImageTextRetrieval` directory (transformers' save_pretrained format)
-        and, for the LM loss, the text decoder of a `BlipForConditionalGeneration` directory.
-        The vision tower of the captioning checkpoint is dropped: the decoder reads the
-        retrieval model's image embeddings. The checkpoint's tokenizer is used when present."""
+        """Load a `BlipForImageTextRetrieval` folder (transformers' save_pretrained format) in
+        float32 and, for the LM loss, the text decoder of a `BlipForConditionalGeneration` folder
+        (then a `BlipCaptioner`). The captioning checkpoint's vision tower is dropped: the decoder
+        reads the retrieval model's image tokens, so it must be of the same size (`check_decoder`).
+        The retrieval folder's tokenizer is used when present. A folder lacking the weights it
+        is named for (a captioning folder as the retrieval model, or the reverse) is an error,
+        never a model with randomly initialised heads."""
         path = Path(path)
         for p in (path, decoder_path):
             if p is not None and not (Path(p) / "config.json").is_file():
                 raise FileNotFoundError(f"not a BLIP checkpoint directory (no config.json): {p}")
-        retrieval = BlipForImageTextRetrieval.from_pretrained(path)
+        _check_architecture(path, "BlipForImageTextRetrieval", "model.checkpoint")
+        if decoder_path is not None:  # checked before any weights are read
+            if transformers_model_type(Path(decoder_path)) != "blip":
+                raise ValueError(f"{decoder_path} is not a transformers BLIP folder (config.json model_type "
+                                 f"{transformers_model_type(Path(decoder_path))!r}, not 'blip')")
+            _check_architecture(Path(decoder_path), "BlipForConditionalGeneration", "model.params.decoder")
+        retrieval, info = BlipForImageTextRetrieval.from_pretrained(path, dtype=torch.float32,
+                                                                    output_loading_info=True)
+        _require_weights(path, "BlipForImageTextRetrieval", info["missing_keys"], "", "ITC/ITM")
         decoder = None
         if decoder_path is not None:
-            decoder = BlipForConditionalGeneration.from_pretrained(decoder_path).text_decoder
+            captioner, info = BlipForConditionalGeneration.from_pretrained(decoder_path, dtype=torch.float32,
+                                                                           output_loading_info=True)
+            _require_weights(Path(decoder_path), "BlipForConditionalGeneration", info["missing_keys"],
+                             "text_decoder.", "text decoder")
+            decoder = captioner.text_decoder
+            del captioner  # its ViT is not used
         has_tok = any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt"))
         tokenizer = BertTokenizerFast.from_pretrained(path) if has_tok else None
         return cls(retrieval, tokenizer, decoder, **kwargs)
@@ -288,8 +373,30 @@ class BlipBackbone(VisionLanguageBackbone):
 
 
 
+def _check_architecture(path: Path, expected: str, role: str) -> None:
+    """A ValueError when the folder's config.json names its architectures and `expected` is not
+    among them (cheap: before any weights are read; folders without the field pass)."""
+    try:
+        names = json.loads((path / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(names, list) and names and expected not in names:
+        raise ValueError(f"{role}: {path} holds a {', '.join(map(str, names))}, not a {expected} (the retrieval "
+                         "folder is model.checkpoint, the captioning folder model.params.decoder)")
+
+
+def _require_weights(path: Path, kind: str, missing: Sequence[str], prefix: str, what: str) -> None:
+    """A ValueError naming one of the `missing` weights under `prefix` that a `kind` folder has."""
+    lacking = sorted(k for k in missing if k.startswith(prefix))
+    if lacking:
+        raise ValueError(f"{path} is not a {kind} checkpoint: {len(lacking)} {what} weights missing "
+                         f"(e.g. {lacking[0]})")
+
+
 class BlipCaptioner(BlipBackbone, CaptioningModel):
-    """BLIP with its captioning decoder: the language-modelling loss of BLIP's pretraining."""
+    """BLIP with its captioning decoder: the LM loss of BLIP's pretraining (ITC + ITM + LM).
+    Built with `with_decoder: true`, or loaded from a retrieval folder with `decoder_path`
+    (`model.params.decoder`); `save_pretrained` stores the decoder, `from_pretrained` restores it."""
 
     def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
         """[CLS] replaced by [DEC], next-token CE over real tokens."""

@@ -32,8 +32,12 @@ the map is exactly this definition, its gradient the true one (second order incl
 "train" and "reference" recipes agree (every query is valid).
 
 Left out: the momentum twin (BLIP-2 has none), MLM (none), and BLIP-2's image-grounded text
-generation loss (ITG) with its causal Q-Former pass: optional in HIST, not implemented, so this
-backbone is not a `CaptioningModel` and HistLoss' language term is 0 for it.
+generation loss (ITG). ITG runs the Q-Former causally over the text (reading the queries) into
+the Q-Former's LM head; transformers has no class with that head (`Blip2QFormerModel` is the bare
+encoder with a bidirectional mask; `Blip2ForConditionalGeneration`'s LM is the stage-2 OPT/T5,
+not ITG) and a `Blip2ForImageTextRetrieval` folder loads no LM-head weights, so an ITG term
+would be a new, untrained head, not BLIP-2's. This backbone is therefore not a
+`CaptioningModel`: `loss.mlm_weight > 0` is a start-up error, and `blip2_coco` sets it to 0.
 
 Tokens: LAVIS' Q-Former tokenizer, bert-base-uncased + "[DEC]" as bos (30523 ids), "[CLS] ...
 [SEP]", padding to the longest, truncation to 32 tokens (LAVIS `Blip2Qformer.max_txt_len`),
@@ -61,7 +65,7 @@ from transformers import (
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import FusionOutput, VisionLanguageBackbone, captured_output, capture_layers
 from hist_vlm.models.layout import CONFIG_FILE
-from hist_vlm.models.registry import ForeignFormat, register, transformers_model_type
+from hist_vlm.models.registry import EvalMap, ForeignFormat, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
 
 #: LAVIS `Blip2Qformer.max_txt_len` (pretraining and its COCO retrieval fine-tuning)
@@ -150,6 +154,8 @@ def _capturing_forward(module: nn.Module, store: list[Tensor]):
     sizes={"tiny": {"size": "tiny"}, "base": {"size": "base"}},
     foreign=(ForeignFormat("a transformers Blip2ForImageTextRetrieval folder", _is_transformers_blip2,
                            _load_transformers),),
+    # the paper has no BLIP-2 map: evaluate where it trains (the middle cross-attention layer), head mean
+    eval_map=lambda model: EvalMap(model.default_capture_layers),
 )
 class Blip2Backbone(VisionLanguageBackbone):
     """BLIP-2 Q-Former ITC/ITM implementing the protocol (module docstring)."""

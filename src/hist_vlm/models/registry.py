@@ -6,8 +6,13 @@ A backbone is found by importing every module of `hist_vlm.models`, every instal
 that declares a `hist_vlm.backbones` entry point, and the backbone modules of every plugin
 (`hist_vlm.plugins`, e.g. the demo's `albef_demo`), so adding one is adding one file:
 
-    @register("mine", sizes={"tiny": {...}}, foreign=(ForeignFormat(...),))
+    @register("mine", sizes={"tiny": {...}}, foreign=(ForeignFormat(...),),
+              eval_map=EvalMap(layers=(2,), head=None, combine="mean"))
     class MyBackbone(VisionLanguageBackbone): ...
+
+Each backbone may declare its evaluation map (`EvalMap`: the GradCAM layers, head and layer
+combination that `hist-vlm eval pointing`, `eval segment` and `ground` use by default; the
+paper's where it has one): `eval_map_of(model)` gives it, fitted to the model's depth.
 
 What a registry entry loads (`load_backbone`):
 - a folder that `save_pretrained` wrote (config.json with "backbone" + model.safetensors),
@@ -55,6 +60,54 @@ class ForeignFormat:
     load: Callable[..., "VisionLanguageBackbone"]
 
 
+COMBINES = ("mean", "product")
+
+
+@dataclass(frozen=True)
+class EvalMap:
+    """A GradCAM evaluation map: cross-attention `layers` (0-based), one `head` (0-based; None:
+    the head mean), and how several layers' maps are combined (`combine`: mean | product)."""
+
+    layers: tuple[int, ...]
+    head: int | None = None
+    combine: str = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if not self.layers or any(x < 0 for x in self.layers):
+            raise ValueError(f"evaluation map layers {list(self.layers)}: give one or more layers, 0-based")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"evaluation map layers {list(self.layers)} repeat a layer")
+        if self.head is not None and self.head < 0:
+            raise ValueError(f"evaluation map head {self.head}: 0-based, or None for the head mean")
+        if self.combine not in COMBINES:
+            raise ValueError(f"unknown map combination {self.combine!r} (choose from {', '.join(COMBINES)})")
+
+    def fitted(self, n_layers: int, n_heads: int) -> "EvalMap":
+        """This map on a model with `n_layers` cross-attention layers of `n_heads` heads: a layer
+        past the last becomes the last (as `default_capture_layers` clamps; repeats dropped, so
+        BLIP's (7, 8) is (2,) on a 3-layer model), a head past the last becomes the head mean
+        (a head index names a head of the weights the map was chosen on; a smaller model has no
+        counterpart)."""
+        layers = tuple(dict.fromkeys(min(x, n_layers - 1) for x in self.layers))
+        head = self.head if self.head is not None and self.head < n_heads else None
+        return replace(self, layers=layers, head=head)
+
+    def check(self, n_layers: int, n_heads: int) -> None:
+        """ValueError naming the first layer or head that a model with `n_layers` cross-attention
+        layers of `n_heads` heads does not have."""
+        bad = [x for x in self.layers if x >= n_layers]
+        if bad:
+            raise ValueError(f"layer {bad[0]} out of range: the model has {n_layers} cross-attention layers")
+        if self.head is not None and self.head >= n_heads:
+            raise ValueError(f"head {self.head} out of range: the cross-attention has {n_heads} heads")
+
+    def describe(self) -> str:
+        """E.g. "layers 7,8 head 9 combine mean" (0-based; "head mean" for the mean)."""
+        head = "mean" if self.head is None else self.head
+        return f"layers {','.join(map(str, self.layers))} head {head} combine {self.combine}"
+
+
 @dataclass(frozen=True)
 class BackboneEntry:
     name: str
@@ -68,6 +121,9 @@ class BackboneEntry:
     #: the task-specific models built on this backbone, by task ("vqa": a class with
     #: `from_backbone` and `from_pretrained`)
     heads: Mapping[str, type] = field(default_factory=dict)
+    #: the GradCAM map evaluation uses by default: an `EvalMap`, or a function of the model
+    #: giving one (a map that depends on its depth); None: not declared (`eval_map_of`)
+    eval_map: EvalMap | Callable[["VisionLanguageBackbone"], EvalMap] | None = None
 
 
 _ENTRIES: dict[str, BackboneEntry] = {}
@@ -75,9 +131,15 @@ _discovered = False
 
 
 def register(name: str, *, sizes: Mapping[str, Mapping[str, Any]], foreign: tuple[ForeignFormat, ...] = (),
-             derives_vocab: bool = False) -> Callable[[type], type]:
-    """Class decorator: register a `VisionLanguageBackbone` subclass under `name`."""
+             derives_vocab: bool = False,
+             eval_map: EvalMap | Callable[["VisionLanguageBackbone"], EvalMap] | None = None,
+             ) -> Callable[[type], type]:
+    """Class decorator: register a `VisionLanguageBackbone` subclass under `name`. `eval_map`:
+    its evaluation map (the paper's where there is one; `EvalMap`), or a function of the model
+    that gives it; its layers and head are fitted to each model (`EvalMap.fitted`)."""
     key = name.lower()
+    if eval_map is not None and not (isinstance(eval_map, EvalMap) or callable(eval_map)):
+        raise TypeError(f"backbone {key!r}: eval_map must be an EvalMap or a function of the model giving one")
 
     def wrap(cls: type) -> type:
         if key in _ENTRIES and _ENTRIES[key].cls is not cls:
@@ -85,7 +147,7 @@ def register(name: str, *, sizes: Mapping[str, Mapping[str, Any]], foreign: tupl
         if "tiny" not in sizes:
             raise ValueError(f"backbone {key!r}: sizes must include 'tiny' (the tests build it)")
         cls.name = key
-        _ENTRIES[key] = BackboneEntry(key, cls, dict(sizes), tuple(foreign), derives_vocab)
+        _ENTRIES[key] = BackboneEntry(key, cls, dict(sizes), tuple(foreign), derives_vocab, eval_map=eval_map)
         return cls
 
     return wrap
@@ -146,6 +208,25 @@ def build_sized(name: str, size: str, **overrides: Any) -> "VisionLanguageBackbo
     if size not in entry.sizes:
         raise ValueError(f"backbone {name!r} has no size {size!r} (choose from {', '.join(entry.sizes)})")
     return entry.cls.from_config({**entry.sizes[size], **overrides})
+
+
+def declared_eval_map(model: "VisionLanguageBackbone") -> EvalMap | None:
+    """The evaluation map that `model`'s backbone declared (`register(eval_map=...)`), fitted
+    to the model's cross-attention layers and heads; None when it declared none."""
+    _discover()
+    entry = _ENTRIES.get(str(getattr(model, "name", "")).lower())
+    if entry is None or entry.eval_map is None:
+        return None
+    spec = entry.eval_map if isinstance(entry.eval_map, EvalMap) else entry.eval_map(model)
+    if not isinstance(spec, EvalMap):
+        raise TypeError(f"backbone {entry.name!r}: its eval_map function returned {type(spec).__name__}, not an EvalMap")
+    return spec.fitted(model.num_cross_attention_layers, model.num_cross_attention_heads)
+
+
+def eval_map_of(model: "VisionLanguageBackbone") -> EvalMap:
+    """`model`'s evaluation map: the one its backbone declared, else its `default_capture_layers`
+    with the head mean."""
+    return declared_eval_map(model) or EvalMap(tuple(model.default_capture_layers))
 
 
 # ----------------------------------------------------------------------------- loading
