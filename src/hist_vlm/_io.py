@@ -7,6 +7,7 @@ half-written output behind (readers see the previous version or the new one, nev
 - `atomic_path(path)`: the same, yielding the temp's PATH, for writers that want a filename
   (`savefig`, `safetensors.save_file`, `PIL.Image.save`, `torch.save`).
 - `atomic_dir(path)`: a temp folder, put in place of `path` on success.
+- `atomic_files(*paths)`: several outputs as a set: all temps written, then all renamed.
 - `atomic_write_bytes/text/lines`: one-call wrappers over `atomic_file`.
 
 Temps are named `.{name}.tmp-{pid}{suffix}`: hidden, in the target's folder (a rename across file
@@ -32,6 +33,7 @@ from typing import IO, Iterable, Iterator
 __all__ = [
     "atomic_dir",
     "atomic_file",
+    "atomic_files",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_lines",
@@ -216,6 +218,16 @@ def atomic_dir(path: str | Path, *, fsync: bool = True, parents: bool = True) ->
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(*paths: str | Path, parents: bool = True) -> Iterator[list[Path]]:
+    """`with atomic_files(a, b) as (ta, tb): ...write both...`: outputs replaced as a set. Every
+    temp is written in the block; only then are they renamed onto their targets, one after the
+    other. An exception in the block leaves every previous file as it was; a kill during the
+    renames (microseconds) can leave some new files beside some old ones."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p, parents=parents)) for p in paths]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
