@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import re
 import types
 import typing
@@ -69,6 +70,13 @@ class SyntheticConfig:
     image_size: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _positive(self, "n_train")
+        _at_least(self, "n_val", 0)
+        _at_least(self, "n_test", 0)
+        _positive(self, "image_size")
+        _seed(self, "seed")
+
 
 @dataclass
 class DataConfig:
@@ -86,12 +94,17 @@ class DataConfig:
     #: share of captions that also bring an ITM negative: the caption with one subject swapped
     #: for one the corpus names and this image's captions do not (`HistDataset._swap`); 0 = off
     swap_negatives: float = 0.0
+    allow_absolute_paths: bool = False   # read records whose image lies outside image_root (absolute, .., links out)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
         _positive(self, "image_size")
         _positive(self, "batch_size")
         _positive(self, "max_length")
+        _at_least(self, "num_workers", 0)
+        low, high = self.crop_scale
+        if not (_finite(low) and _finite(high) and 0.0 < low <= high <= 1.0):
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}")
         if not 0.0 <= self.swap_negatives <= 1.0:
             raise ConfigError(f"data.swap_negatives must be in [0, 1], got {self.swap_negatives}")
 
@@ -111,6 +124,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "grad_accum")
+        _number(self, "lr", above=0.0)
+        _number(self, "weight_decay", at_least=0.0)
+        _number(self, "eps", above=0.0)
+        for i, beta in enumerate(self.betas):
+            if not (_finite(beta) and 0.0 <= beta < 1.0):
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+        if self.max_grad_norm is not None:
+            _number(self, "max_grad_norm", above=0.0)
 
 
 @dataclass
@@ -124,6 +145,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs")
+        _at_least(self, "warmup_steps", 0)
+        _number(self, "warmup_lr", at_least=0.0)
+        _number(self, "min_lr", at_least=0.0)
 
 
 @dataclass
@@ -144,6 +168,9 @@ class RunConfig:
         _positive(self, "log_every")
         _positive(self, "save_every")
         _positive(self, "keep_checkpoints")
+        if self.max_steps is not None:
+            _positive(self, "max_steps")
+        _seed(self, "seed")
 
 
 @dataclass
@@ -164,6 +191,10 @@ class VqaConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        if self.decoder_layers is not None:
+            _positive(self, "decoder_layers")
         if self.alpha > 0 and not self.distill:
             raise ValueError("alpha > 0 needs distill=true (the momentum copies give the soft targets)")
 
@@ -190,8 +221,33 @@ class TrainConfig:
 
 
 def _positive(section: Any, name: str) -> None:
-    if getattr(section, name) < 1:
-        raise ValueError(f"{name} must be at least 1, got {getattr(section, name)}")
+    _at_least(section, name, 1)
+
+
+def _at_least(section: Any, name: str, low: int) -> None:
+    if getattr(section, name) < low:
+        raise ValueError(f"{name} must be at least {low}, got {getattr(section, name)}")
+
+
+def _seed(section: Any, name: str) -> None:
+    if not 0 <= getattr(section, name) < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {getattr(section, name)}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(section: Any, name: str, *, above: float | None = None, at_least: float | None = None) -> None:
+    """A finite number (never inf or nan: `optim.lr=.inf` would train a model of NaNs) above
+    (or at least) a bound."""
+    value = getattr(section, name)
+    if not _finite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if above is not None and not value > above:
+        raise ValueError(f"{name} must be greater than {above:g}, got {value!r}")
+    if at_least is not None and not value >= at_least:
+        raise ValueError(f"{name} must be at least {at_least:g}, got {value!r}")
 
 
 PRESET_SUFFIX = ".yaml"
@@ -237,13 +293,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """A preset (by name) or YAML file, then `section.key=value` overrides applied in order."""
     path = resolve_config(path)
     try:
-        raw = _load_yaml(path.read_text()) or {}
+        raw = _load_yaml(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         _apply_override(raw, item)
+    return _build(TrainConfig, raw, "")
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A config from a mapping (a checkpoint's config.yaml), checked as a file is."""
     return _build(TrainConfig, raw, "")
 
 
@@ -270,7 +335,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     raw = _without_retired(raw, prefix)
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(known))})"

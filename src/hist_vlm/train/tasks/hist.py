@@ -33,7 +33,8 @@ class HistTask:
     def __init__(self, cfg: TrainConfig, env: Environment, run_dir: Path, resume: bool) -> None:
         self.cfg, self.env = cfg, env
         phrases, self.image_root = prepare_data(cfg.data, run_dir, env.is_main, env.barrier)
-        self.records, dropped = read_parse_output(phrases)
+        self.records, dropped = read_parse_output(phrases, self.image_root,
+                                                  allow_absolute_paths=cfg.data.allow_absolute_paths)
         if dropped and env.is_main:
             tqdm.write(f"{dropped} images of {phrases} have no phrase and are left out")
         self.vocab, self.vocab_file = derive_vocabulary(cfg.model, self.records, run_dir, resume=resume,
@@ -67,6 +68,7 @@ class HistTask:
         dataset = HistDataset(
             self.records, self.image_root, cfg.data.image_size, seed=cfg.run.seed,
             crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, swap_negatives=cfg.data.swap_negatives,
+            allow_absolute_paths=cfg.data.allow_absolute_paths,
         )
         collate = HistCollate(model.tokenize, cfg.data.max_length, cfg.data.pad_to_max_length)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,

@@ -16,6 +16,7 @@ from hist_vlm.data.dataset import GlobalBatchSampler
 from hist_vlm.data.vqa import VqaBatch, VqaCollate, VqaDataset, VqaFileError, VqaRecord, read_answer_list, read_vqa_files
 from hist_vlm.plugins import generator
 from hist_vlm.train.config import ConfigError, TrainConfig, VqaConfig
+from hist_vlm.train.data import recipe, synthetic_world
 from hist_vlm.train.model import build_model
 
 SYNTHETIC_DIR = "vqa_world"
@@ -39,7 +40,8 @@ class VqaObjective(nn.Module):
 
 def vqa_files(cfg: TrainConfig, run_dir: Path, is_main: bool, barrier) -> tuple[list[Path], dict[str, Path], Path | None]:
     """(training files, image root per dataset, answer list or None); the synthetic set is
-    generated once, on rank 0, into RUN/vqa_world/ (a resumed run reuses it), by the demo's
+    generated once, on rank 0, into RUN/vqa_world/ (a later run reuses it while its recipe,
+    `vqa.synthetic`, is unchanged: `hist_vlm.train.data.synthetic_world`), by the demo's
     "vqa_world" generator (`hist_vlm.plugins`)."""
     vqa = cfg.vqa
     if vqa.synthetic.enabled:
@@ -48,8 +50,9 @@ def vqa_files(cfg: TrainConfig, run_dir: Path, is_main: bool, barrier) -> tuple[
         except LookupError as e:
             raise ConfigError(str(e)) from None
         root, syn = run_dir / SYNTHETIC_DIR, vqa.synthetic
-        if is_main and not (root / "answer_list.json").is_file():
-            generate_vqa_world(root, syn.n_train, syn.n_val, syn.n_test, syn.image_size, syn.seed)
+        if is_main:
+            synthetic_world(root, recipe(syn), root / "answer_list.json", "vqa.synthetic", lambda: generate_vqa_world(
+                root, syn.n_train, syn.n_val, syn.n_test, syn.image_size, syn.seed))
         barrier()
         return [root / "vqa_train.json"], {"vqa": root, "vg": root}, root / "answer_list.json"
     if not vqa.train_files:
@@ -78,7 +81,7 @@ class VqaTask:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         files, self.roots, answer_list = vqa_files(cfg, run_dir, env.is_main, env.barrier)
         try:
-            self.records = read_vqa_files(files)
+            self.records = read_vqa_files(files, allow_absolute_paths=cfg.data.allow_absolute_paths)
             self.candidates = read_answer_list(answer_list) if answer_list else []
         except VqaFileError as e:
             raise ConfigError(str(e)) from None
@@ -123,7 +126,8 @@ class VqaTask:
         sampler = GlobalBatchSampler(len(self.records), cfg.data.batch_size, world_size=env.world_size,
                                      rank=env.rank, grad_accum=cfg.optim.grad_accum, seed=cfg.run.seed)
         dataset = VqaDataset(self.records, self.roots, cfg.data.image_size, seed=cfg.run.seed,
-                             crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip)
+                             crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+                             allow_absolute_paths=cfg.data.allow_absolute_paths)
         collate = VqaCollate(model.tokenize_question, model.tokenize_answers, cfg.data.max_length)
         if env.is_main:
             tqdm.write(f"VQA: {len(self.records)} questions, {sampler.steps_per_epoch} steps per epoch")
