@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hist_vlm.data.grounding import GroundingFileError, GroundingRecord, _box, _get, load_refer
+from hist_vlm.data.grounding import GroundingFileError, GroundingRecord, _box, _get, _int, _text, load_refer
+from hist_vlm.data.paths import Containment
 
 TEST_SPLITS = ("testA", "testB")
 JOIN = " and "
@@ -114,10 +115,13 @@ def build_complex_pairs(
     split_by: str = "unc",
     splits: Sequence[str] = TEST_SPLITS,
     seed: int = 0,
+    allow_absolute_paths: bool = False,
 ) -> ComplexPairSet:
     """The pairs of every image of `splits` in `<refer_root>/<dataset>/refs(<split_by>).p` +
-    `instances.json`; image paths are instances.json's file names under `image_root`."""
+    `instances.json`; image paths are instances.json's file names under `image_root`, refused
+    outside it unless `allow_absolute_paths` (`hist_vlm.data.paths`)."""
     index = load_refer(refer_root, dataset, split_by)
+    images = Containment(image_root, allow_absolute=allow_absolute_paths)
     folder = Path(refer_root) / dataset
     refs_path, inst_path = folder / f"refs({split_by}).p", folder / "instances.json"
     by_image: dict[int, list[dict]] = defaultdict(list)
@@ -138,15 +142,18 @@ def build_complex_pairs(
         if img is None or None in anns:
             raise GroundingFileError(f"{inst_path}: image {image_id} or its annotations {list(ann_ids)} missing")
         segs = tuple(_get(a, "segmentation", inst_path, f"annotation {i}") for a, i in zip(anns, ann_ids))
+        at = f"image {image_id}"
+        width, height = (_int(img.get(k), inst_path, at, k, positive=True) for k in ("width", "height"))
+        file_name = _text(_get(img, "file_name", inst_path, at), inst_path, at, "file_name")
         record = GroundingRecord(
             id=f"{image_id}_{ref_a['ref_id']}_{ref_b['ref_id']}",
-            image=Path(image_root) / str(_get(img, "file_name", inst_path, f"image {image_id}")),
+            image=images.check(file_name, where=f"{inst_path}: {at}", error=GroundingFileError),
             text=f"{text_a}{JOIN}{text_b}",
-            boxes=tuple(_box(a.get("bbox"), inst_path, f"annotation {i}") for a, i in zip(anns, ann_ids)),
+            boxes=tuple(_box(a.get("bbox"), inst_path, f"annotation {i}", "xywh") for a, i in zip(anns, ann_ids)),
             box_format="xywh",
             split=str(ref_a.get("split", "")),
-            width=int(img["width"]),
-            height=int(img["height"]),
+            width=width,
+            height=height,
             kind="composite",
         )
         pairs.append(ComplexPair(record, (int(ref_a["ref_id"]), int(ref_b["ref_id"])), ann_ids, segs, inst_path))

@@ -4,6 +4,12 @@ Every random choice of a sample (caption, phrase/pair, crop, flip) is a function
 (seed, epoch, index) only, and the sampler's order a function of (seed, epoch). So a run
 resumed mid-epoch, or split over any number of processes and loader workers, sees exactly
 the same data as an uninterrupted single-process run.
+
+Every record's image must lie under the image root (`hist_vlm.data.paths`: an absolute path,
+`..` above the root or a symbolic link out of it is refused with one line unless
+`allow_absolute_paths=True`), checked when the records are read and again, resolved, when the
+dataset is built. Images are read with `hist_vlm.data.images.open_rgb`; an unreadable one is
+skipped, its `ImageError` line recorded (`Sample.skipped`).
 """
 from __future__ import annotations
 
@@ -16,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from hist_vlm.batch import HistBatch, TextRows
+from hist_vlm.data.images import ImageError, open_rgb
+from hist_vlm.data.paths import OPT_IN, Containment, escapes
 from hist_vlm.text.corpus import ImageRecord as ParsedImage
 from hist_vlm.text.pairs import composite_text
 
@@ -54,7 +61,8 @@ class ImageRecord:
 
 @dataclass
 class Sample:
-    """One image and the texts drawn for it; `pixel_values` is None while the image is unreadable."""
+    """One image and the texts drawn for it (an unreadable image raises `ImageError` in `_draw`:
+    `__getitem__` skips it, so a returned sample always has its `pixel_values`)."""
 
     index: int
     pixel_values: Tensor | None         # [3, H, W]
@@ -65,24 +73,37 @@ class Sample:
     flipped: bool
     image_path: str
     caption_swap: str | None = None     # the caption with one subject swapped (an ITM negative)
-    skipped: list[str] = field(default_factory=list)  # unreadable images this sample replaced
+    skipped: list[str] = field(default_factory=list)  # unreadable images this sample replaced (one line each)
 
 
-def read_parse_output(path: str | Path) -> tuple[list[ImageRecord], int]:
+def read_parse_output(path: str | Path, image_root: str | Path | None = None, *,
+                      allow_absolute_paths: bool = False) -> tuple[list[ImageRecord], int]:
     """Records of a `hist-vlm parse` JSONL file, and how many images were dropped for having
-    no phrase (they cannot give a phrase row)."""
+    no phrase (they cannot give a phrase row). An image path outside `image_root` (without a
+    root: an absolute one or one with `..` above it) is refused, naming the file and line,
+    unless `allow_absolute_paths`."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"phrase file not found: {path}")
+    images = Containment(image_root, allow_absolute=allow_absolute_paths) if image_root is not None else None
     records, dropped = [], 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
             if not line.strip():
                 continue
             try:
                 parsed = ParsedImage.from_json(json.loads(line))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise DatasetError(f"{path}:{lineno}: not a `hist-vlm parse` record ({e!r})") from None
+            if images is not None:
+                images.verify(str(parsed.image), where=f"{path}:{lineno}", error=DatasetError)
+            elif not allow_absolute_paths and (why := escapes(str(parsed.image))):
+                raise DatasetError(f"{path}:{lineno}: image {str(parsed.image)!r} {why}, outside any image root; "
+                                   f"refused (pass {OPT_IN} to read paths outside the root)")
             phrases = tuple((p.text, p.subject) for _, p in parsed.phrases)
             spans = tuple((ci, p.subject_start, p.subject_end, p.subject_lemma) for ci, p in parsed.phrases)
             record = ImageRecord(str(parsed.image), tuple(parsed.captions), phrases, tuple(parsed.pairs), spans)
@@ -110,9 +131,12 @@ class HistDataset(Dataset):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: bool = True,
         swap_negatives: float = 0.0,
+        allow_absolute_paths: bool = False,
     ) -> None:
         self.records = records
         self.image_root = Path(image_root)
+        self.allow_absolute_paths = allow_absolute_paths
+        self._check_images()
         self.seed = seed
         self.hflip = hflip
         self.swap_negatives = swap_negatives
@@ -125,22 +149,32 @@ class HistDataset(Dataset):
         )
         self.finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGE_MEAN, IMAGE_STD)])
 
+    def _check_images(self) -> None:
+        """Every record's image under the image root, resolved (symbolic links followed): a
+        record leading out of it is refused here, before any image is opened."""
+        images = Containment(self.image_root, allow_absolute=self.allow_absolute_paths)
+        for n, record in enumerate(self.records):
+            if images.reason(record.image) is not None:  # the message is built for the refused one only
+                images.verify(record.image, where=f"record {n}", error=DatasetError)
+
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
-        """The sample of `key`; an unreadable image is skipped (its path recorded in
-        `Sample.skipped`) and the next readable one takes its slot, so batch shapes stay
-        equal on every rank."""
+        """The sample of `key`; an unreadable image is skipped (its `ImageError` line, which
+        names the file, recorded in `Sample.skipped`) and the next readable one takes its slot,
+        so batch shapes stay equal on every rank."""
         epoch, index = key
-        skipped = []
+        skipped: list[str] = []
         for offset in range(len(self.records)):
-            sample = self._draw(epoch, (index + offset) % len(self.records))
-            if sample.pixel_values is not None:
-                sample.skipped = skipped
-                return sample
-            skipped.append(sample.image_path)
-        raise DatasetError(f"no image under {self.image_root} could be read")
+            try:
+                sample = self._draw(epoch, (index + offset) % len(self.records))
+            except ImageError as e:
+                skipped.append(str(e))
+                continue
+            sample.skipped = skipped
+            return sample
+        raise DatasetError(f"no image under {self.image_root} could be read (the first: {skipped[0]})")
 
     def _draw(self, epoch: int, index: int) -> Sample:
         record = self.records[index]
@@ -176,12 +210,9 @@ class HistDataset(Dataset):
         caption = record.captions[caption_index]
         return caption[:start] + others[rng.integers(len(others))] + caption[end:]
 
-    def _load(self, path: Path, crop_seed: int, flip: bool) -> Tensor | None:
-        try:
-            with Image.open(path) as im:
-                image = v2.functional.to_image(im.convert("RGB"))  # [3, H, W] uint8
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return None
+    def _load(self, path: Path, crop_seed: int, flip: bool) -> Tensor:
+        """The image at `path`, cropped, flipped and normalised; `ImageError` if unreadable."""
+        image = v2.functional.to_image(open_rgb(path))  # [3, H, W] uint8
         # The crop draws from the global CPU generator: seed it alone and restore it after.
         # (`torch.manual_seed` would also queue a CUDA seed with a captured stack trace on a
         # CUDA build, which cost about a third of the demo's data loading.)

@@ -5,6 +5,11 @@ Files (ALBEF's `vqa_train.json`, `vqa_val.json`, `vg_qa.json`, `vqa_test.json`):
 `{"image", "question", "answer": [...], "question_id"}`, optionally `"dataset": "vqa" | "vg"` and
 `"answer_type"`. A VQA record's answers are its annotators' (10 in VQA v2); a VG record has one.
 `answer_list.json` is a json list of the candidate answers inference ranks.
+
+An "image" is relative to its dataset's image root: an absolute one or one with `..` above
+the root is refused when the file is read, and one that resolves outside its root (a symbolic
+link out) when the training set is built or `image_paths` is called (`hist_vlm.data.paths`),
+each unless `allow_absolute_paths=True`.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 from torch import Tensor
 
 from hist_vlm.data.dataset import _SIDE_WORD, HistDataset
+from hist_vlm.data.paths import OPT_IN, Containment, escapes
 from hist_vlm.batch import TextRows
 
 #: ALBEF's weight of a Visual Genome answer (a VQA answer weighs its share of the annotators)
@@ -59,9 +65,11 @@ def _load_json(path: Path) -> Any:
         raise VqaFileError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_vqa_file(path: str | Path, *, dataset: str | None = None, need_answers: bool = True) -> list[VqaRecord]:
+def read_vqa_file(path: str | Path, *, dataset: str | None = None, need_answers: bool = True,
+                  allow_absolute_paths: bool = False) -> list[VqaRecord]:
     """Records of one file. `dataset` overrides the records' own "dataset" key (default "vqa").
-    `need_answers=False` reads a test split (no "answer"), which then needs question ids."""
+    `need_answers=False` reads a test split (no "answer"), which then needs question ids. An
+    absolute image path or one with `..` above its root is refused unless `allow_absolute_paths`."""
     path = Path(path)
     data = _load_json(path)
     if not isinstance(data, list):
@@ -76,6 +84,9 @@ def read_vqa_file(path: str | Path, *, dataset: str | None = None, need_answers:
         for key in ("image", "question"):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
                 raise VqaFileError(f"{where}: {key!r} must be a non-empty string")
+        if not allow_absolute_paths and (why := escapes(rec["image"])):
+            raise VqaFileError(f"{where}: image {rec['image']!r} {why}, outside the image root; "
+                               f"refused (pass {OPT_IN} to read paths outside the root)")
         kind = dataset or rec.get("dataset", "vqa")
         if kind not in KINDS:
             raise VqaFileError(f"{where}: dataset must be one of {KINDS}, got {kind!r}")
@@ -100,9 +111,30 @@ def read_vqa_file(path: str | Path, *, dataset: str | None = None, need_answers:
     return records
 
 
-def read_vqa_files(paths: Sequence[str | Path]) -> list[VqaRecord]:
+def read_vqa_files(paths: Sequence[str | Path], *, allow_absolute_paths: bool = False) -> list[VqaRecord]:
     """The training records of several files (ALBEF trains on vqa_train + vqa_val + vg_qa)."""
-    return [rec for p in paths for rec in read_vqa_file(p)]
+    return [rec for p in paths for rec in read_vqa_file(p, allow_absolute_paths=allow_absolute_paths)]
+
+
+def image_paths(records: Sequence[VqaRecord], image_roots: dict[str, str | Path], *,
+                allow_absolute_paths: bool = False) -> list[Path]:
+    """Each record's image under the root of its dataset (`image_roots["vqa"]` for a dataset
+    without its own), resolved: a `VqaFileError` naming the question and the path for one that
+    leads outside it (`hist_vlm.data.paths`), unless `allow_absolute_paths`. Call it before
+    opening any image of `records`."""
+    out: list[Path] = []
+    _verify_images(records, image_roots, allow_absolute_paths, out)
+    return out
+
+
+def _verify_images(records, image_roots, allow_absolute: bool, out: list[Path] | None = None) -> None:
+    checks = {k: Containment(v, allow_absolute=allow_absolute) for k, v in image_roots.items()}
+    for rec in records:
+        check = checks.get(rec.dataset, checks["vqa"])
+        if check.reason(rec.image) is not None:   # the message is built for the refused one only
+            check.verify(rec.image, where=f"question {rec.question_id} ({rec.dataset})", error=VqaFileError)
+        if out is not None:
+            out.append(check.root / rec.image)
 
 
 def read_answer_list(path: str | Path) -> list[str]:
@@ -124,7 +156,7 @@ def read_answer_list(path: str | Path) -> list[str]:
 @dataclass
 class VqaSample:
     index: int
-    pixel_values: Tensor | None       # [3, H, W]; None while unreadable
+    pixel_values: Tensor | None       # [3, H, W] (an unreadable image is skipped: `HistDataset.__getitem__`)
     question: str
     answers: tuple[str, ...]
     weights: tuple[float, ...]
@@ -138,8 +170,11 @@ class VqaDataset(HistDataset):
     handling. Images resolve against the root of their record's dataset (VQA: COCO, VG)."""
 
     def __init__(self, records: list[VqaRecord], image_roots: dict[str, str | Path], image_size: int, **kwargs):
-        super().__init__(records, image_roots["vqa"], image_size, **kwargs)
         self.roots = {k: Path(v) for k, v in image_roots.items()}
+        super().__init__(records, image_roots["vqa"], image_size, **kwargs)
+
+    def _check_images(self) -> None:
+        _verify_images(self.records, self.roots, self.allow_absolute_paths)   # no path list kept
 
     def _draw(self, epoch: int, index: int) -> VqaSample:
         record: VqaRecord = self.records[index]

@@ -10,6 +10,8 @@ retrieval files, which `hist_vlm.data.retrieval` reads:
 (`val2014/COCO_val2014_...jpg`), Flickr30k `flickr30k-images/<filename>` (ALBEF's layouts);
 "image_id" is `<name>_<cocoid>` or `<name>_<file stem>`. Captions are the "raw" sentences,
 whitespace collapsed. The file (about 150 MB for COCO) is streamed image by image (ijson).
+An image whose path is absolute or climbs out of the image root with `..` is skipped and
+counted. The three files are replaced as a set (`write_set`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hist_vlm.data.captions import _field, _image_key, _list, _stream_items
-from hist_vlm.data.prepare import PrepareError, PrepareReport, write_json
+from hist_vlm.data.prepare import PrepareError, PrepareReport, escapes, write_set
 
 SPLIT_OF = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 IMAGE_FOLDER = {"flickr30k": "flickr30k-images"}  # Karpathy's Flickr30k file has no filepath
@@ -40,7 +42,13 @@ def prepare_karpathy(path: str | Path, out_dir: str | Path, name: str | None = N
             continue
         filename = _image_key(_field(rec, ("filename",), path, where), path, where)
         folder = rec.get("filepath") or IMAGE_FOLDER.get(name)
+        if folder is not None and not isinstance(folder, str):
+            raise PrepareError(path, where, f"'filepath' must be a string, got {type(folder).__name__}")
         image = f"{folder}/{filename}" if folder else filename
+        if escapes(image):
+            report.skipped[f"{split}: images whose path is absolute or leaves the image root with '..' "
+                           f"(not written)"] += 1
+            continue
         captions = []
         for n, sent in enumerate(_list(_field(rec, ("sentences",), path, where), path, where, "sentences")):
             raw = _field(sent, ("raw",), path, f"{where}.sentences[{n}]")
@@ -62,5 +70,6 @@ def prepare_karpathy(path: str | Path, out_dir: str | Path, name: str | None = N
     for split, items in (("train", train), *tests.items()):
         if not items:
             raise PrepareError(path, None, f"no {split} images (is this a Karpathy dataset_*.json?)")
-        write_json(out_dir / f"{name}_{split}.json", items, report, len(items))
+    write_set([(out_dir / f"{name}_{split}.json", items, len(items))
+               for split, items in (("train", train), *tests.items())], report)
     return report

@@ -22,7 +22,7 @@ from typing import Iterable
 from tqdm import tqdm
 
 from hist_vlm.data.grounding import _get as _field, load_refer
-from hist_vlm.data.prepare import PrepareError, PrepareReport, write_json
+from hist_vlm.data.prepare import PrepareError, PrepareReport, write_set
 
 DATASETS = ("refcoco+", "refcoco", "refcocog", "refclef")
 DEFAULT_SPLITS = ("val", "test")
@@ -96,6 +96,6 @@ def prepare_refer(
         if not items[s]:
             raise PrepareError(refs_path, None, f"no sentence in split {s!r} (splits of {dataset}: "
                                                 f"{', '.join(sorted({str(r.get('split')) for r in index.refs.values()}))})")
-        write_json(Path(out_dir) / f"{dataset}_{s}.json", items[s], report, len(items[s]))
+    write_set([(Path(out_dir) / f"{dataset}_{s}.json", items[s], len(items[s])) for s in items], report)  # as a set
     return report
 

@@ -5,7 +5,8 @@ Why: `region_descriptions.json` names images by id only, while the images lie in
 `VG_100K/` and `VG_100K_2/`; `image_data.json` tells which (the last two parts of each
 image's "url"). Both files are streamed (ijson) and the output is written line by line, so the
 700 MB region file never sits in memory. Captions are cleaned as every caption reader cleans
-them (`hist_vlm.data.captions`).
+them (`hist_vlm.data.captions`). An image whose path from its url would lead outside the image
+root (`..`) is skipped and counted.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from hist_vlm.data.captions import ReadStats, _field, _image_key, _stream_items, read_captions
-from hist_vlm.data.prepare import PrepareError, PrepareReport, write_lines
+from hist_vlm.data.prepare import PrepareError, PrepareReport, escapes, write_lines
 
 
 def image_paths(path: Path) -> dict[str, str]:
@@ -46,6 +47,9 @@ def prepare_visual_genome(
         for key, captions in tqdm(images, desc="visual genome", unit=" images", disable=not progress, leave=False):
             if key not in paths:
                 report.skipped["images not in image_data.json"] += 1
+                continue
+            if escapes(paths[key]):
+                report.skipped["images whose url path leaves the image root with '..' (not written)"] += 1
                 continue
             yield json.dumps({"image": paths[key], "captions": captions}, ensure_ascii=False)
 
