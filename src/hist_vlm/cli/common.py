@@ -3,6 +3,7 @@ and loading a checkpoint as a model or as a GradCAM map source on the backbone's
 (one-line errors for user mistakes)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,42 @@ CONFIG = typer.Argument(..., help="The training config YAML of the checkpoint.")
 CHECKPOINT = typer.Option(..., "--checkpoint", help="save_pretrained folder, RUN/checkpoints/step-N, or ALBEF .pth.")
 NUM_WORKERS = typer.Option(2, "--num-workers", min=0, help="DataLoader workers that load images.")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
+ALLOW_ABSOLUTE_PATHS = typer.Option(
+    False, "--allow-absolute-paths",
+    help="Read image (and mask) paths of the data files that are absolute or lead outside their root "
+         "(with '..' or a symbolic link); refused by default (hist_vlm.data.paths). Only for data files you trust.")
+
+
+#: the file-name endings of the outputs (lower case): JSONL results, JSON results, CSV tables
+JSONL, JSON, CSV = (".jsonl",), (".json",), (".csv",)
+
+
+def figure_suffixes() -> tuple[str, ...]:
+    """The endings matplotlib can write a figure as (".png", ".pdf", ".svg", ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(f".{ext}" for ext in sorted(FigureCanvasBase.get_supported_filetypes()))
+
+
+def check_out(path: Optional[Path], option: str = "--out", suffixes: tuple[str, ...] = ()) -> None:
+    """One-line usage errors about an output file, before any work: an existing folder at
+    `path`, a name not ending in one of `suffixes` (when given), a folder that is a file or
+    cannot be written. The output itself is written atomically at the end (hist_vlm._io)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise typer.BadParameter(f"{option} {path} is a folder: give a file name"
+                                 + (f" ending in {suffixes[0]}" if suffixes else ""))
+    if suffixes and not path.name.lower().endswith(suffixes):
+        shown = " ".join(suffixes) if len(suffixes) <= 4 else " ".join(suffixes[:12]) + " ..."
+        raise typer.BadParameter(f"{option} {path}: the name must end in {shown}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:   # created on write: check what exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{option} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{option} {path}: {folder} is not writable")
 
 
 def resolve_device(device: str) -> str:

@@ -1,6 +1,7 @@
 """`hist-vlm demo`: the main job on the built-in synthetic world (see hist_vlm.demo)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +31,7 @@ def demo(
     base and both fine-tunes, print a table (mean ± std over seeds, paired differences) and
     save a heatmap comparison figure."""
     from hist_vlm.demo.run import ABLATION, DEMO_BASE, DemoSettings, pretrain_base, run_demo
+    from hist_vlm.locks import FolderInUseError, folder_lock
     from hist_vlm.train.config import ConfigError, resolve_config
 
     try:
@@ -52,14 +54,21 @@ def demo(
     settings.jobs = jobs
     if ablation:
         settings.variants = ABLATION
+    existing = out
+    while not existing.exists() and existing != existing.parent:   # the folders that will be created
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"--out {out}: {existing} is not a writable folder")
     try:
-        if pretrain:
-            settings.base = pretrain_base(out, ["run.max_steps=8", "data.synthetic.n_train=64"] if quick else [])
-            typer.echo(f"pretrained base: {settings.base} (copy it over {DEMO_BASE} to ship it)")
-        elif base is not None:
-            settings.base = base
-        result = run_demo(settings)
-    except ConfigError as e:
+        # one demo per folder: a second one would race this one's world, runs and table
+        with folder_lock(out, "demo"):
+            if pretrain:
+                settings.base = pretrain_base(out, ["run.max_steps=8", "data.synthetic.n_train=64"] if quick else [])
+                typer.echo(f"pretrained base: {settings.base} (copy it over {DEMO_BASE} to ship it)")
+            elif base is not None:
+                settings.base = base
+            result = run_demo(settings)
+    except (ConfigError, FolderInUseError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo("\n" + result.table)

@@ -12,10 +12,10 @@ from typing import Optional
 
 import typer
 
-from hist_vlm._io import atomic_write_text
+from hist_vlm._io import atomic_files
 from hist_vlm.cli.app import app
-from hist_vlm.cli.common import (CHECKPOINT, CONFIG, DEVICE, NUM_WORKERS, gradcam_source, load_model, resolve_device,
-                                 sweep_source)
+from hist_vlm.cli.common import (ALLOW_ABSOLUTE_PATHS, CHECKPOINT, CONFIG, CSV, DEVICE, JSON, JSONL, NUM_WORKERS,
+                                 check_out, figure_suffixes, gradcam_source, load_model, resolve_device, sweep_source)
 from hist_vlm.data.grounding import BENCHMARKS
 
 eval_app = typer.Typer(help="Evaluate a trained checkpoint.", no_args_is_help=True)
@@ -31,7 +31,7 @@ def pointing(
     ann: list[Path] = typer.Option([], "--ann", help="RefCOCO+/ReferIt test json(s); default: <name>_*val*/*test*.json in --data-root."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Where the image paths of the annotations start."),
     split: list[str] = typer.Option([], "--split", help="Only these splits (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Per-query results, JSONL (with --sweep: a line per query and setting)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Per-query results, OUT.jsonl (with --sweep: a line per query and setting), and OUT.summary.json; written together at the end."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     num_workers: int = NUM_WORKERS,
     device: str = DEVICE,
@@ -45,6 +45,7 @@ def pointing(
     sweep_combine: Optional[str] = typer.Option(None, "--sweep-combine", help="Layer combinations: mean,product (default) | mean | product | none."),
     sweep_pairs: Optional[str] = typer.Option(None, "--sweep-pairs", help="Layers combined: adjacent (default) | all | 7+8,6+8."),
     sweep_csv: Optional[Path] = typer.Option(None, "--sweep-csv", help="The sweep's table, one row per setting; default: OUT.sweep.csv, or RUN/sweep_DATA.csv without --out."),
+    allow_absolute_paths: bool = ALLOW_ABSOLUTE_PATHS,
 ) -> None:
     """Pointing-game accuracy per split (and multi-object metrics on the synthetic world).
 
@@ -55,7 +56,8 @@ def pointing(
     of GradCAM layers, heads and layer combinations is scored in one pass over the data.
     """
     from hist_vlm.data.grounding import GroundingFileError, load_benchmark
-    from hist_vlm.eval.grounding import evaluate
+    from hist_vlm.data.images import ImageError
+    from hist_vlm.eval.grounding import EvalInputError, evaluate
     from hist_vlm.eval.sweep import evaluate_sweep
 
     if data not in BENCHMARKS:
@@ -65,6 +67,8 @@ def pointing(
         raise typer.BadParameter("--layer/--head/--combine pick one setting; a sweep's grid is set with --sweep-layers, --sweep-heads, --sweep-combine, --sweep-pairs")
     if not sweep and (sweep_csv is not None or any(v is not None for v in grid.values())):
         raise typer.BadParameter("the --sweep-* options need --sweep")
+    check_out(out, "--out", JSONL)
+    check_out(sweep_csv, "--sweep-csv", CSV)
     if sweep:
         (source, cfg), map_line = sweep_source(config, checkpoint, device, image_size, grid), None
     else:
@@ -74,7 +78,8 @@ def pointing(
             raise typer.BadParameter("--data-root is required for real benchmarks")
         data_root = Path(cfg.run.dir) / "world"
     try:
-        records = load_benchmark(data, data_root, ann_files=ann, image_root=image_root, splits=split or None)
+        records = load_benchmark(data, data_root, ann_files=ann, image_root=image_root, splits=split or None,
+                                 allow_absolute_paths=allow_absolute_paths)
     except GroundingFileError as e:
         raise typer.BadParameter(str(e)) from None
     if not records:
@@ -83,27 +88,46 @@ def pointing(
         what = f"sweep of {len(source.settings)} settings, layers {list(source.layers)} captured in one pass"
     else:
         what = f"layers {list(source.layers)}, head {source.head if source.head is not None else 'mean'}"
+    if sweep:
+        csv_path = sweep_csv or (out.with_suffix(".sweep.csv") if out else Path(cfg.run.dir) / f"sweep_{data}.csv")
+        check_out(csv_path, "--sweep-csv", CSV)
+        companion = csv_path
+    else:
+        companion = out.with_suffix(".summary.json") if out is not None else None
+        check_out(companion, "--out's summary")
     if map_line is not None:
         typer.echo(map_line, err=True)
     typer.echo(f"{len(records)} queries from {data} ({data_root}); {what}, device {source.device}")
+    # the per-query JSONL and its summary (or sweep table) are written as temps as the evaluation
+    # goes and replace the previous files together at the end: a failed or killed run keeps them
+    targets = [p for p in (out, companion) if p is not None]
     try:
-        report = (evaluate_sweep if sweep else evaluate)(
-            records, source, batch_size=batch_size, num_workers=num_workers, out=out)
-    except FileNotFoundError as e:
-        raise typer.BadParameter(str(e)) from None
+        with atomic_files(*targets) as temps:
+            temp = dict(zip(targets, temps))
+            report = (evaluate_sweep if sweep else evaluate)(
+                records, source, batch_size=batch_size, num_workers=num_workers, out=temp.get(out))
+            if sweep:
+                report.write_csv(temp[csv_path], checkpoint=str(checkpoint), data=data)
+            elif out is not None:
+                temp[companion].write_text(json.dumps(report.summary(), indent=2) + "\n")
+    except (FileNotFoundError, ImageError, EvalInputError) as e:  # a missing or unreadable image or mask, an empty query
+        raise typer.BadParameter(_last_line(e) + _kept(targets)) from None
+    except OSError as e:
+        raise typer.BadParameter(f"cannot write {' / '.join(map(str, targets))}: {e.strerror or e}") from None
     for line in report.lines():
         typer.echo(line)
     if sweep:
-        csv_path = sweep_csv or (out.with_suffix(".sweep.csv") if out else Path(cfg.run.dir) / f"sweep_{data}.csv")
-        report.write_csv(csv_path, checkpoint=str(checkpoint), data=data)
         typer.echo(f"sweep table: {csv_path}" + (f"; per-query results: {out}" if out else ""))
     elif out is not None:
-        summary_path = out.with_suffix(".summary.json")
-        atomic_write_text(summary_path, json.dumps(report.summary(), indent=2) + "\n")
-        typer.echo(f"per-query results: {out}; summary: {summary_path}")
+        typer.echo(f"per-query results: {out}; summary: {companion}")
 
 
 RETRIEVAL_DATA = ("coco", "flickr30k", "synthetic")
+
+
+def _kept(targets) -> str:
+    """What a failed evaluation says about its outputs: none was written or changed."""
+    return f" ({', '.join(map(str, targets))} not written)" if targets else ""
 
 
 def _last_line(error: Exception) -> str:
@@ -129,9 +153,11 @@ def retrieval(
     num_workers: int = NUM_WORKERS,
     device: str = DEVICE,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (ALBEF's retrieval: 384)."),
+    allow_absolute_paths: bool = ALLOW_ABSOLUTE_PATHS,
 ) -> None:
     """Image-text retrieval: TR@1/5/10, IR@1/5/10 and their means, after ITC ranking and ITM
     re-ranking of the top k, as ALBEF's Retrieval.py evaluates."""
+    from hist_vlm.data.images import ImageError
     from hist_vlm.data.retrieval import CaptionFileError, read_caption_corpus, read_retrieval_test
     from hist_vlm.eval.retrieval import DEFAULT_K, SCORES, evaluate_retrieval
 
@@ -143,12 +169,13 @@ def retrieval(
         raise typer.BadParameter(f"--ann is required for {data} (the {data}_test.json of ALBEF's layout)")
     if data != "synthetic" and image_root is None:
         raise typer.BadParameter(f"--image-root is required for {data}")
+    check_out(out, "--out", JSON)
     model, cfg = load_model(config, checkpoint, image_size)
     if ann is None:
         ann = Path(cfg.run.dir) / "world" / "captions_test.jsonl"
     try:
         reader = read_caption_corpus if data == "synthetic" else read_retrieval_test
-        corpus = reader(ann, image_root)
+        corpus = reader(ann, image_root, allow_absolute_paths=allow_absolute_paths)
     except CaptionFileError as e:
         raise typer.BadParameter(str(e)) from None
     k = k_test or DEFAULT_K[data]
@@ -159,12 +186,15 @@ def retrieval(
         report = evaluate_retrieval(model, corpus, k_test=k, device=dev, batch_size=batch_size,
                                     pair_batch=itm_batch, max_length=max_length, score=score,
                                     num_workers=num_workers)
-    except OSError as e:  # a missing or unreadable image
-        raise typer.BadParameter(_last_line(e)) from None
+    except (OSError, ImageError) as e:  # a missing or unreadable image
+        raise typer.BadParameter(_last_line(e) + _kept([out] if out else [])) from None
     for line in report.lines():
         typer.echo(line)
     if out is not None:
-        report.write_json(out, data=data, ann=str(ann), checkpoint=str(checkpoint))
+        try:
+            report.write_json(out, data=data, ann=str(ann), checkpoint=str(checkpoint))
+        except OSError as e:
+            raise typer.BadParameter(f"cannot write {out}: {e.strerror or e}") from None
         typer.echo(f"results: {out}")
 
 
@@ -190,6 +220,7 @@ def segment(
     num_workers: int = NUM_WORKERS,
     device: str = DEVICE,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size for an official ALBEF .pth (RefCOCO+: 384)."),
+    allow_absolute_paths: bool = ALLOW_ABSOLUTE_PATHS,
 ) -> None:
     """Complex referring segmentation (paper Table 3): the top-4 GradCAM points of each "A and B"
     query prompt SAM for one mask; cIoU and mean IoU against the union of both objects' masks."""
@@ -203,6 +234,10 @@ def segment(
         raise typer.BadParameter(f"--multimask {multimask!r}: choose one of {', '.join(MULTIMASK)}")
     if data_root is None and data != "synthetic":
         raise typer.BadParameter("--data-root is required for refcoco+ (the REFER folder)")
+    check_out(out, "--out", JSONL)
+    summary_path = out.with_suffix(".summary.json") if out is not None else None
+    check_out(summary_path, "--out's summary")
+    check_out(figure, "--figure", figure_suffixes())
     dev = resolve_device(device)
     try:
         segmenter = SamSegmenter(sam, device=dev, multimask=multimask, image_batch=sam_batch)
@@ -211,25 +246,33 @@ def segment(
     source, cfg, map_line = gradcam_source(config, checkpoint, [], None, None, dev, image_size)
     data_root = data_root or Path(cfg.run.dir) / "world"
     try:
-        records, gold_mask, what = load_segment_queries(data, data_root, image_root=image_root, splits=split, seed=seed)
+        records, gold_mask, what = load_segment_queries(data, data_root, image_root=image_root, splits=split, seed=seed,
+                                                        allow_absolute_paths=allow_absolute_paths)
     except GroundingFileError as e:
         raise typer.BadParameter(str(e)) from None
     if not records:
         raise typer.BadParameter(f"no queries in {data_root} for splits {split or 'default'}")
     typer.echo(map_line, err=True)
     typer.echo(f"{what}; layers {list(source.layers)}, SAM {sam} ({multimask}), device {dev}")
+    # results, summary and figure: temps until the end, then replace the previous files together
+    targets = [p for p in (out, summary_path, figure) if p is not None]
     try:
-        report, rows = evaluate_segmentation(records, source, segmenter, gold_mask, batch_size=batch_size,
-                                             num_workers=num_workers, out=out, figure_rows=figure_n if figure else 0)
-    except (OSError, ValueError) as e:  # a missing image or mask, an unreadable segmentation
-        raise typer.BadParameter(_last_line(e)) from None
+        with atomic_files(*targets) as temps:
+            temp = dict(zip(targets, temps))
+            report, rows = evaluate_segmentation(records, source, segmenter, gold_mask, batch_size=batch_size,
+                                                 num_workers=num_workers, out=temp.get(out),
+                                                 figure_rows=figure_n if figure else 0)
+            if out is not None:
+                temp[summary_path].write_text(json.dumps({"data": data, "multimask": multimask, "seed": seed,
+                                                          "checkpoint": str(checkpoint), **report.summary()},
+                                                         indent=2) + "\n")
+            if figure is not None:
+                save_segment_figure(rows, temp[figure])
+    except (OSError, ValueError) as e:  # a missing image or mask, an unreadable segmentation, an unwritable output
+        raise typer.BadParameter(_last_line(e) + _kept(targets)) from None
     for line in report.lines():
         typer.echo(line)
     if out is not None:
-        summary_path = out.with_suffix(".summary.json")
-        atomic_write_text(summary_path, json.dumps({"data": data, "multimask": multimask, "seed": seed,
-                                                    "checkpoint": str(checkpoint), **report.summary()}, indent=2) + "\n")
         typer.echo(f"per-query results: {out}; summary: {summary_path}")
     if figure is not None:
-        save_segment_figure(rows, figure)
         typer.echo(f"figure: {figure}")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from hist_vlm.cli.app import app
+from hist_vlm.cli.app import app, stop_code, stop_message
 
 SAMPLE = "sample_captions.jsonl"  # bundled in hist_vlm.data
 PREVIEW_IMAGES = 3
@@ -195,8 +195,8 @@ def _stream(input: Path, fmt: str, out: Path | None, parser, cache, seed: int, b
             raise _fail(f"cannot write {out}: {e.strerror or e}") from None
         if isinstance(e, KeyboardInterrupt):
             resume = "; re-run to resume from the cache" if cache is not None else ""
-            typer.echo(f"interrupted: {out} not written{resume}", err=True)
-            raise typer.Exit(130) from None
+            typer.echo(f"{stop_message(e)}: {out} not written{resume}", err=True)
+            raise typer.Exit(stop_code(e)) from None
         raise
     finally:
         bar.close()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hist_vlm._io import atomic_dir, atomic_write_text
+from hist_vlm._io import atomic_dir, atomic_files, atomic_write_text
 
 #: the shipped pretrained base (package data): model.safetensors, config.json, vocab.txt, recipe.json
 DEMO_BASE = Path(__file__).resolve().parent / "base"
@@ -146,12 +146,53 @@ def available_cores() -> int:
 _progress_queue = None
 
 
-def _init_worker(queue, threads: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Make this process end when its parent does, however the parent ends (a SIGKILL too): Linux's
+    parent-death signal, SIGKILL. A parent already gone (between the spawn and this call) ends it
+    now. Elsewhere a no-op: there the parent's `finally` (`stop_workers`) is all there is."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(queue, threads: int, parent: int | None = None) -> None:
+    """A `train_runs` worker: dies with the parent (`die_with_parent`), leaves Ctrl-C to it
+    (the terminal sends SIGINT to the whole process group; the parent stops the workers), and
+    trains on `threads` threads."""
+    import signal
+
     global _progress_queue
+    if parent is not None:
+        die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _progress_queue = queue
     import torch
 
     torch.set_num_threads(threads)
+
+
+def stop_workers(pool) -> None:
+    """Kill a process pool's workers now (a fine-tuning run is not waited for) and shut it down:
+    what a parent stopped by an error, Ctrl-C or SIGTERM does before it ends."""
+    # the executor's own table (Python 3.14 has pool.kill_workers(); this works from 3.8 on)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join(timeout=5)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _train_worker(label: str, cfg) -> float:
@@ -193,7 +234,8 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
     ctx = multiprocessing.get_context("spawn")  # no forked copies of the parent's threads (or CUDA)
     queue = ctx.Queue()
     last: dict[str, tuple[int, int]] = {}  # label -> (step, last step)
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue, max(1, cores // jobs)))
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                               initargs=(queue, max(1, cores // jobs), os.getpid()))
     bar = tqdm(total=0, desc=f"fine-tune {len(pending)} run{'s' * (len(pending) > 1)}, {jobs} at a time", unit="step", dynamic_ncols=True)
     try:
         futures = {pool.submit(_train_worker, label, cfg): label for label, cfg in pending.items()}
@@ -213,9 +255,12 @@ def train_runs(runs: dict[str, object], jobs: int | None = None) -> None:
             for future in finished:
                 seconds, label = future.result(), futures[future]  # a worker's exception is raised here
                 bar.write(f"== {label}: trained in {seconds / 60:.1f} min ({pending[label].run.dir})")
-    finally:
+    except BaseException:   # a run failed, Ctrl-C, SIGTERM: no worker outlives the parent's exit
         bar.close()
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop_workers(pool)
+        raise
+    bar.close()
+    pool.shutdown(wait=True)
 
 
 def pretrain_base(out_dir: Path, overrides: list[str] = ()) -> Path:
@@ -335,11 +380,12 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     if val_pointing:
         table += (f" (the base's best single-phrase pointing on {settings.n_val} val scenes: " + ", ".join(
             f"{layers_label(k)} {100 * v:.1f}" for k, v in val_pointing.items()) + ")")
-    atomic_write_text(settings.out_dir / "results.md", table + "\n")
-    atomic_write_text(settings.out_dir / "results.json", json.dumps({
-        "base": base_metrics, **metrics,
-        "eval_layers": {"chosen": list(layers), "val_pointing": {layers_label(k): v for k, v in val_pointing.items()}},
-    }, indent=1))
+    with atomic_files(settings.out_dir / "results.md", settings.out_dir / "results.json") as (md, js):
+        md.write_text(table + "\n", encoding="utf-8")
+        js.write_text(json.dumps({
+            "base": base_metrics, **metrics,
+            "eval_layers": {"chosen": list(layers), "val_pointing": {layers_label(k): v for k, v in val_pointing.items()}},
+        }, indent=1), encoding="utf-8")
     return DemoResult(table=table, metrics=metrics, base_metrics=base_metrics, eval_layers=layers,
                       val_pointing=val_pointing, figure=figure)
 
@@ -386,16 +432,15 @@ def _comparison_figure(records, sources: dict, out: Path, n_queries: int = 4) ->
     """The same test queries (composite ones first) under every model, side by side, the
     untouched image first, stars on the top-4 points and the referred boxes drawn."""
     import torch
-    from PIL import Image
 
+    from hist_vlm.data.images import open_rgb
     from hist_vlm.eval.heatmap import save_heatmap_grid
 
     picked = [r for r in records if r.kind == "composite"][: n_queries - 1]
     picked += [r for r in records if r.kind != "composite"][: n_queries - len(picked)]
     rows = []
     for rec in picked:
-        with Image.open(rec.image) as im:
-            image = im.convert("RGB")
+        image = open_rgb(rec.image)
         heats = []
         for source in sources.values():
             pixels = source.preprocess(image)[None]

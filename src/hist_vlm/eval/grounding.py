@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from hist_vlm._io import atomic_file
 from hist_vlm.data.grounding import GroundingRecord
+from hist_vlm.data.images import ImageError, open_rgb
 from hist_vlm.eval.pointing import (
     Accuracy,
     IoUMeter,
@@ -215,23 +216,29 @@ class _Batches(torch.utils.data.Dataset):
 
 
 def distinct_images(recs: Sequence[GroundingRecord]) -> tuple[list[Image.Image], list[int]]:
-    """The distinct images of some records, each opened once (RGB), and each record's index into them."""
+    """The distinct images of some records, each opened once (RGB, `open_rgb`: 16-bit scaled, an
+    unreadable file one ImageError line naming it), and each record's index into them."""
     slot: dict[Path, int] = {}
     for r in recs:
         slot.setdefault(r.image, len(slot))
-    images = []
-    for path in slot:
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
+    images = [open_rgb(path) for path in slot]
     return images, [slot[r.image] for r in recs]
 
 
 def query_mask(rec: GroundingRecord) -> np.ndarray | None:
-    """The object-id mask [H, W] a composite query's region IoU needs (None: not scored)."""
+    """The object-id mask [H, W] a composite query's region IoU needs (None: not scored); its
+    values as stored (ids, not colours). An unreadable mask is one ImageError line naming it."""
     if rec.kind != "composite" or rec.mask is None or not rec.object_ids:
         return None
-    with Image.open(rec.mask) as m:
-        return np.asarray(m)
+    try:
+        with Image.open(rec.mask) as m:
+            ids = np.asarray(m)
+    except (OSError, ValueError, SyntaxError) as e:  # not an image, truncated, empty (SyntaxError: bad headers)
+        raise ImageError(f"{rec.mask}: not a readable mask image ({' '.join(str(e).split()) or type(e).__name__})") from None
+    if ids.ndim != 2 or ids.shape != (rec.height, rec.width):
+        raise ImageError(f"{rec.mask}: the id mask of query {rec.id} is {'x'.join(map(str, ids.shape[::-1]))}, "
+                         f"not a single channel of its image's {rec.width}x{rec.height}")
+    return ids
 
 
 def score_query(rec: GroundingRecord, heat: Tensor, point: tuple[int, int], ids: np.ndarray | None) -> ItemResult:
@@ -246,11 +253,20 @@ def score_query(rec: GroundingRecord, heat: Tensor, point: tuple[int, int], ids:
     return res
 
 
+class EvalInputError(ValueError):
+    """Records that cannot be evaluated (none, an empty query); one line."""
+
+
 def check_records(records: Sequence[GroundingRecord]) -> None:
-    """There are records and every image exists: checked before any model work, not met as a
-    worker traceback halfway through."""
+    """There are records, every query has a text and every image exists: checked before any
+    model work, not met as a worker traceback halfway through (an empty text would be scored
+    as a map of nothing)."""
     if not records:
-        raise ValueError("no grounding records to evaluate")
+        raise EvalInputError("no grounding records to evaluate")
+    empty = [r for r in records if not r.text.strip()]
+    if empty:
+        raise EvalInputError(f"query {empty[0].id} (image {empty[0].image}) has an empty text: nothing to ground "
+                             f"({len(empty)} empty queries; remove them from the data)")
     missing = [p for p in dict.fromkeys(r.image for r in records) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: image not found ({len(missing)} images missing)")
@@ -264,10 +280,14 @@ def map_batches(records: Sequence[GroundingRecord], source: MapSource, *, batch_
         _Batches(records, batch_size, source.preprocess), batch_size=None, num_workers=num_workers,
     )
     with tqdm(total=len(records), desc=desc, unit="query", disable=not progress) as bar:
-        for idx, pixels, image_index in loader:
-            recs = [records[i] for i in idx]
-            yield recs, source(pixels, [r.text for r in recs], image_index).detach().float()
-            bar.update(len(recs))
+        try:
+            for idx, pixels, image_index in loader:
+                recs = [records[i] for i in idx]
+                yield recs, source(pixels, [r.text for r in recs], image_index).detach().float()
+                bar.update(len(recs))
+        except BaseException:
+            bar.leave = False   # an error, an interrupt: its one line, not a stale bar, is what stays on the terminal
+            raise
 
 
 @contextlib.contextmanager

@@ -22,6 +22,17 @@ from hist_vlm._io import atomic_path
 from hist_vlm.eval.pointing import TOP_K, pointing_point, to_xyxy, top_k_points, upsample_map
 
 
+#: a panel title's most lines (of `width` characters): a long text is cut there with an ellipsis,
+#: so the figure keeps its size whatever the query (bbox_inches="tight" grows to fit a title)
+TITLE_LINES = 3
+
+
+def fit_title(text: str, width: int = 48, max_lines: int = TITLE_LINES) -> str:
+    """`text` wrapped at `width` characters (a longer word is broken) into at most `max_lines`
+    lines, the last ending in " …" when something was cut."""
+    return textwrap.fill(" ".join(text.split()), width, max_lines=max_lines, placeholder=" …")
+
+
 def display_map(heat: Tensor, size: tuple[int, int]) -> np.ndarray:
     """Raw map [gh, gw] -> [H, W] in [0, 1] for display: bicubic upsampling clipped to the raw
     map's range (bicubic rings below a lone peak: unclipped, the zero background would become
@@ -121,14 +132,16 @@ def save_heatmap(
     show_image: bool = False,
 ) -> list[tuple[int, int]]:
     """Write one heatmap figure to `out` (PNG/PDF/... by suffix); return the starred points.
-    `show_image`: the untouched image in a panel left of the overlay."""
+    `show_image`: the untouched image in a panel left of the overlay. A long `title` is wrapped
+    and cut (`fit_title`), so the figure's size does not grow with it."""
     plt = pyplot()
     w, h = image.size
     panels = 2 if show_image else 1
     fig, axes = plt.subplots(1, panels, figsize=(4.0 * panels * w / max(w, h), 4.0 * h / max(w, h)), squeeze=False)
     if show_image:
         draw_image(axes[0][0], image, title="image")
-    points = draw_heatmap(axes[0][-1], image, heat, title=title, k=k, boxes=boxes, box_format=box_format, alpha=alpha)
+    points = draw_heatmap(axes[0][-1], image, heat, title=fit_title(title) if title else None, k=k, boxes=boxes,
+                          box_format=box_format, alpha=alpha)
     save_figure(fig, out, dpi)
     return points
 
@@ -159,7 +172,7 @@ def save_heatmap_grid(
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.8 * n_rows), squeeze=False)
     points = []
     for r, (image, text, heats, boxes) in enumerate(rows):
-        caption = textwrap.fill(text, 30)
+        caption = fit_title(text, 30)
         if lead:
             draw_image(axes[r][0], image, title=f"{image_column}\n{caption}" if r == 0 else caption)
         row_points = []

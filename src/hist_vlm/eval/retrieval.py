@@ -18,7 +18,6 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
@@ -120,11 +119,11 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tensor:
-        try:
-            with Image.open(self.paths[i]) as im:
-                return self.preprocess(im.convert("RGB"))
-        except OSError as e:
-            raise OSError(f"{self.paths[i]}: not a readable image ({e})") from None
+        """The i-th image, preprocessed; `open_rgb` reads it (16-bit scaled) or raises one
+        ImageError line naming the file."""
+        from hist_vlm.data.images import open_rgb
+
+        return self.preprocess(open_rgb(self.paths[i]))
 
 
 @torch.no_grad()

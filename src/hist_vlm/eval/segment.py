@@ -20,7 +20,6 @@ in one mask-decoder pass (each query's image embedding indexed by its image).
 from __future__ import annotations
 
 import json
-import textwrap
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,13 +124,15 @@ def load_segment_queries(
     image_root: str | Path | None = None,
     splits: Sequence[str] = (),
     seed: int = 0,
+    allow_absolute_paths: bool = False,
 ) -> tuple[list[GroundingRecord], GoldMask, str]:
     """(records, their gold masks, a line saying what was read) of a segmentation test set.
 
     refcoco+: the complex pairs (`hist_vlm.data.complex_pairs`) of the REFER files under
     `data_root`, images under `image_root`, splits default testA + testB. synthetic: the world's
     composite queries (`data_root/grounding.jsonl`), gold = the union of the referred objects'
-    pixels in the query's id mask.
+    pixels in the query's id mask. Image and mask paths outside their root are refused unless
+    `allow_absolute_paths` (`hist_vlm.data.paths`).
     """
     from hist_vlm.data.complex_pairs import TEST_SPLITS, build_complex_pairs
     from hist_vlm.data.grounding import GroundingFileError, read_synthetic
@@ -143,13 +144,15 @@ def load_segment_queries(
     if data == "refcoco+":
         if image_root is None:
             raise GroundingFileError("refcoco+ needs the COCO train2014 image folder (--image-root)")
-        built = build_complex_pairs(root, image_root, splits=tuple(splits) or TEST_SPLITS, seed=seed)
+        built = build_complex_pairs(root, image_root, splits=tuple(splits) or TEST_SPLITS, seed=seed,
+                                    allow_absolute_paths=allow_absolute_paths)
         by_id = {p.record.id: p for p in built.pairs}
         return [p.record for p in built.pairs], lambda rec: by_id[rec.id].gold_mask(), built.summary()
     if data != "synthetic":
         raise GroundingFileError(f"unknown segmentation data {data!r} (choose refcoco+, synthetic)")
     path = root / "grounding.jsonl"
-    records = [r for r in read_synthetic(path, splits or None) if r.kind == "composite"]
+    records = [r for r in read_synthetic(path, splits or None, allow_absolute_paths=allow_absolute_paths)
+               if r.kind == "composite"]
     for r in records:
         if r.mask is None or not r.object_ids:
             raise GroundingFileError(f"{path}: query {r.id}: a composite query needs 'masks' and 'object_ids'")
@@ -257,14 +260,14 @@ def overlay_mask(image: Image.Image, mask: np.ndarray, alpha: float = 0.55,
 
 def save_segment_figure(rows: Sequence[FigureRow], out: str | Path, *, k: int = TOP_K, dpi: int = 110) -> None:
     """One row per query: image | heatmap with the k prompt points starred | SAM mask | gold mask."""
-    from hist_vlm.eval.heatmap import pyplot, save_figure, draw_heatmap, draw_image
+    from hist_vlm.eval.heatmap import draw_heatmap, draw_image, fit_title, pyplot, save_figure
 
     if not rows:
         raise ValueError("no queries to draw")
     plt = pyplot()
     fig, axes = plt.subplots(len(rows), 4, figsize=(2.8 * 4, 2.9 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
-        draw_image(axes[r][0], row.image, title=textwrap.fill(row.text, 34))
+        draw_image(axes[r][0], row.image, title=fit_title(row.text, 34))
         draw_heatmap(axes[r][1], row.image, row.heat, title="GradCAM, top-%d points" % k, k=k)
         for c, (mask, title) in enumerate(((row.mask, f"SAM mask (IoU {100 * row.iou:.1f}%)"),
                                            (row.gold, "gold mask")), start=2):

@@ -219,15 +219,15 @@ class _Questions:
         return len(self.records)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from hist_vlm.data.images import ImageError, open_rgb
 
         rec = self.records[i]
         path = self.roots.get(rec.dataset, self.roots["vqa"]) / rec.image
         try:
-            with Image.open(path) as im:
-                return i, self.transform(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"question {rec.question_id}: cannot read image {path} ({e})") from None
+            image = open_rgb(path)   # 16-bit scaled, not clipped white
+        except ImageError as e:
+            raise ImageError(f"question {rec.question_id}: {e}") from None
+        return i, self.transform(image)
 
 
 def answer_questions(model, records, candidates: Sequence[str], roots: dict[str, Path], *, k: int = 128,

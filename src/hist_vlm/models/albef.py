@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
+import typing
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -65,6 +66,22 @@ VOCAB_FILE = "vocab.txt"     # a model's own vocabulary (config.vocab_file set) 
 RETIRED_KEYS = {"init": None, "pos_embed_init": None, "patch_embed": "linear", "conv_stem_extra": 0}
 
 
+def _has_type(value, kind) -> bool:
+    """Whether a config value read from JSON or YAML is of a field's type: an int is no bool,
+    a float may be written as an int; a type not checked here passes."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is type(None):
+        return value is None
+    return True
+
+
 @dataclass
 class AlbefConfig:
     """Every size of the model. The defaults are ALBEF-base (ViT-B/16 + BERT-base, fusion at 6)."""
@@ -105,11 +122,16 @@ class AlbefConfig:
         """Our field names or ALBEF's (`image_res`, `hidden_size`, `encoder_width`, ...);
         unknown keys are an error, not silently ignored."""
         known = {f.name for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
         out: dict = {}
         for key, value in d.items():
             name = _ALIASES.get(key, key)
             if name not in known:
                 raise ValueError(f"unknown ALBEF config key {key!r}; known: {', '.join(sorted(known))}")
+            allowed = typing.get_args(hints[name]) or (hints[name],)   # `int | None` -> (int, NoneType)
+            if not any(_has_type(value, t) for t in allowed):
+                names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+                raise ValueError(f"ALBEF config key {key!r} must be {names}, got {value!r}")
             out[name] = value
         return cls(**out)
 

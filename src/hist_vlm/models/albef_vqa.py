@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model
 from torch import Tensor, nn
 
 from hist_vlm.models.albef import (
@@ -35,7 +33,8 @@ from hist_vlm.models.albef import (
     without_retired_keys,
 )
 from hist_vlm.models.albef_checkpoint import LoadReport
-from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
+from hist_vlm.models.layout import (CONFIG_FILE, WEIGHTS_FILE, built_from, load_weights, read_model_config,
+                                    write_model_folder)
 from hist_vlm.models.registry import register_head
 from hist_vlm.batch import TextRows
 from hist_vlm.models.tokenization import AlbefTokenizer, read_vocab_file, write_vocab_file
@@ -278,16 +277,19 @@ class AlbefVqaModel(nn.Module):
         config_path = directory / CONFIG_FILE
         if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a saved VQA model (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        payload = json.loads(config_path.read_text())
-        if not isinstance(payload, dict) or payload.get("backbone") != cls.name:
+        payload = read_model_config(config_path)
+        if payload.get("backbone") != cls.name:
             name = payload.get("backbone") if isinstance(payload, dict) else None
             raise ValueError(f"{config_path} describes {name!r}, not a VQA model ({cls.name!r}): "
                              "fine-tune it first with a VQA preset (hist-vlm train albef_vqa)")
-        config = without_retired_keys(dict(payload["config"]), cls.config_class, directory)
-        if config.get("vocab_file") is not None:
-            config["vocab_file"] = stored_vocab(directory, config["vocab_file"])
-        model = cls(cls.config_class.from_dict(config), VqaModelConfig(**payload.get("vqa", {})))
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+        def build() -> "AlbefVqaModel":
+            config = without_retired_keys(dict(payload["config"]), cls.config_class, directory)
+            if config.get("vocab_file") is not None:
+                config["vocab_file"] = stored_vocab(directory, config["vocab_file"])
+            return cls(cls.config_class.from_dict(config), VqaModelConfig(**payload.get("vqa", {})))
+
+        model = built_from(config_path, build)
+        load_weights(model, directory / WEIGHTS_FILE)
         return model.eval()
 
 

@@ -8,7 +8,6 @@ points at its image through an `image_index` tensor, and image embeddings are ga
 from __future__ import annotations
 
 import abc
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self, Sequence
@@ -17,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from hist_vlm.batch import TextRows
-from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, write_model_folder
+from hist_vlm.models.layout import (CONFIG_FILE, WEIGHTS_FILE, built_from, load_weights, read_model_config,
+                                    write_model_folder)
 
 
 @dataclass
@@ -218,18 +218,18 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Self:
-        """The model `save_pretrained` wrote to `directory`, in eval mode (every key loaded)."""
-        from safetensors.torch import load_model
-
+        """The model `save_pretrained` wrote to `directory`, in eval mode (every key loaded).
+        A damaged config.json or weights file, or a config value of the wrong type, is one
+        ValueError line naming the file."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not config_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved model (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        payload = json.loads(config_path.read_text())
+        payload = read_model_config(config_path)
         if payload.get("backbone") != cls.name:
             raise ValueError(f"{config_path} describes backbone {payload.get('backbone')!r}, not {cls.name!r}")
-        model = cls.from_config(dict(payload.get("config") or {}), root=directory)
-        load_model(model, str(weights_path), strict=True)
+        model = built_from(config_path, lambda: cls.from_config(dict(payload.get("config") or {}), root=directory))
+        load_weights(model, weights_path)
         return model.eval()
 
 

@@ -34,7 +34,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, config_error, weights_error
 from hist_vlm.plugins import packaged_models, plugins
 
 if TYPE_CHECKING:
@@ -323,13 +323,32 @@ def load_backbone(
     entry, fmt = _format_of(path)
     if name is not None and not issubclass(entry.cls, get_backbone(name).cls):
         raise ValueError(f"{path} holds a {entry.name} model, not {get_backbone(name).name}")
-    if fmt is None:
-        model = entry.cls.from_pretrained(path)
-    else:
-        model = fmt.load(path, dict(params or {}), image_size, verbose)
+    try:
+        if fmt is None:
+            model = entry.cls.from_pretrained(path)
+        else:
+            model = fmt.load(path, dict(params or {}), image_size, verbose)
+    except Exception as e:  # noqa: BLE001 - a damaged weights file or config, in whatever reader found it
+        error = weights_error(_weights_file(path), e, shapes=False)
+        if error is None and fmt is not None and path.is_dir() and not isinstance(e, (ValueError, TypeError)):
+            error = config_error(path / CONFIG_FILE, e)   # transformers' strict config check of a foreign folder
+        if error is None:
+            raise
+        raise error from None
     if image_size is not None and model.image_size != image_size:
         raise ValueError(f"{path} holds a model for {model.image_size} px inputs, not {image_size} px")
     return model
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights file of a checkpoint, for error messages: a file itself, a folder's
+    model.safetensors, its only *.safetensors file, else the folder."""
+    if not path.is_dir():
+        return path
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
+    found = sorted(path.glob("*.safetensors"))
+    return found[0] if len(found) == 1 else path
 
 
 def load_head(checkpoint: str | Path, task: str):
