@@ -1,5 +1,6 @@
-"""The file names of a saved model folder (`save_pretrained`), shared by the backbones that
-write it and the registry that recognises it."""
+"""A saved model folder (`save_pretrained`): its file names, writing it, and reading it back
+with one-line errors naming the file (a damaged config.json or weights file). Shared by the
+backbones that write it, the VQA head, and the registry that recognises it."""
 
 CONFIG_FILE = "config.json"        # {"backbone": NAME, "config": {...}}
 WEIGHTS_FILE = "model.safetensors"

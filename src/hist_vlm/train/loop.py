@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -282,7 +282,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.schedule, self.total_steps)
         self.position = Position(seed=cfg.run.seed, global_batch=self.sampler.global_batch)
         if self.saved is not None:   # where the run stands from the start (an interrupt names it)
-            self.position = Position(**{**vars(self.saved.position)})
+            self.position = replace(self.saved.position)
         bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and env.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 

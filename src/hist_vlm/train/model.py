@@ -6,15 +6,12 @@ and a `model.params.image_size` that disagrees is an error rather than a crash m
 """
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
-from safetensors import SafetensorError
-
 from hist_vlm.models import build_backbone, get_backbone, load_backbone
 from hist_vlm.models.base import VisionLanguageBackbone
-from hist_vlm.models.registry import model_folder, resolve_checkpoint
+from hist_vlm.models.registry import resolve_checkpoint
 from hist_vlm.train.config import ConfigError, ModelConfig
 
 
@@ -53,22 +50,8 @@ def build_model(cfg: ModelConfig, image_size: int, vocab: list[str] | None = Non
     params = {k: v for k, v in cfg.params.items() if k != "image_size"}
     try:
         return load_backbone(path, cfg.name, params=params, image_size=image_size, verbose=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:   # the registry names a damaged weights file in its ValueError
         raise ConfigError(f"model.checkpoint: {e}") from None
-    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        # a truncated or empty weights file (safetensors' own error does not name it)
-        lines = str(e).strip().splitlines()
-        raise ConfigError(f"model.checkpoint: {_weights_file(path)} cannot be read "
-                          f"({lines[0] if lines else type(e).__name__})") from None
-
-
-def _weights_file(path: Path) -> Path:
-    """The weights file a checkpoint path stands for (its safetensors file when it is a folder)."""
-    folder = model_folder(path)
-    if folder.is_dir():
-        found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt*"))
-        return found[0] if len(found) == 1 else folder
-    return folder
 
 
 VOCAB_FILE = "vocab.txt"
