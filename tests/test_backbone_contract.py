@@ -10,7 +10,8 @@ from torch import nn
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.models import get_backbone, load_backbone
 from hist_vlm.batch import TextRows
-from hist_vlm.models.base import MomentumTwin, VisionLanguageBackbone
+from hist_vlm.models.base import (CaptioningModel, ContrastiveModel, MatchingModel, MomentumTwin,
+                                  VisionLanguageBackbone)
 from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE
 from losses_fixtures import BACKBONES, tiny_backbone
 from train_helpers import tiny_overrides, write_world
@@ -26,27 +27,42 @@ def _maps(model, px, layer):
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_typed_members_agree_with_the_computation(name):
+    """The core members on every backbone; each capability it declares, on what it computes."""
     model = tiny_backbone(name).eval()
     assert isinstance(model, VisionLanguageBackbone) and model.name == name
-    assert isinstance(model.temp, nn.Parameter)
     s, (gh, gw) = model.image_size, model.patch_grid
-    assert all(isinstance(v, int) for v in (s, gh, gw, model.embed_dim, model.max_text_length))
+    assert all(isinstance(v, int) for v in (s, gh, gw, model.max_text_length))
     ids, mask = model.tokenize(TEXTS)
     assert ids.shape[1] <= model.max_text_length
+    rows = TextRows(ids, mask, torch.tensor([1, 0]))
     with torch.no_grad():
         img = model.encode_image(torch.randn(2, 3, s, s))
-        assert model.image_features(img).shape[-1] == model.embed_dim
-        text = model.encode_text(ids, mask)
-        assert model.text_features(text).shape == (2, model.embed_dim)
+        text = model.encode_text(ids, mask) if isinstance(model, ContrastiveModel) else None
         layers = tuple(range(model.num_cross_attention_layers))
-        fused = model.fuse_rows(TextRows(ids, mask, torch.tensor([1, 0])), img, text_embeds=text, capture_layer=layers)
+        fused = model.fuse_rows(rows, img, text_embeds=text, capture_layer=layers)
     assert len(fused.cross_attentions) == model.num_cross_attention_layers
     tokens = ids.shape[1] if fused.capture_mask is None else fused.capture_mask.shape[1]  # the text, or its own
-    for probs in fused.cross_attentions:  # [N, heads, S, image tokens]: the grid is the last P of them
-        assert probs.shape[:3] == (2, model.num_cross_attention_heads, tokens)
-        assert probs.shape[-1] >= gh * gw
-    assert model.itm_logits(fused).shape == (2, 2)
+    token_rows, patch_columns = fused.capture_block
+    for probs in fused.cross_attentions:  # [N, heads, S', K]: the block is [N, heads, S, P]
+        assert probs.shape[:2] == (2, model.num_cross_attention_heads)
+        assert probs[..., token_rows, patch_columns].shape == (2, model.num_cross_attention_heads, tokens, gh * gw)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))  # softmax rows
+    assert model.grounding_score(fused).shape == (2,)
     assert model.default_capture_layers and all(0 <= x < len(layers) for x in model.default_capture_layers)
+    if isinstance(model, ContrastiveModel):
+        assert isinstance(model.temp, nn.Parameter) and isinstance(model.embed_dim, int)
+        with torch.no_grad():
+            assert model.image_features(img).shape[-1] == model.embed_dim
+            assert model.text_features(text).shape == (2, model.embed_dim)
+    if isinstance(model, MatchingModel):
+        logits = model.itm_logits(fused)
+        assert logits.shape == (2, 2)
+        torch.testing.assert_close(model.grounding_score(fused), logits[:, 1])  # GradCAM's score: the match logit
+    if isinstance(model, CaptioningModel):
+        with torch.no_grad():
+            per_row = model.text_log_likelihood(rows, img)
+            assert per_row.shape == (2,) and (per_row < 0).all()
+            assert torch.isfinite(model.lm_loss(rows, img))
     twin = model.momentum_twin()
     assert twin is None or isinstance(twin, MomentumTwin)
 

@@ -14,7 +14,7 @@ from hist_vlm.demo.synthetic import generate_world
 from hist_vlm.eval.retrieval import NOT_RERANKED, evaluate_retrieval
 from hist_vlm.eval.grounding import eval_transform
 from hist_vlm.batch import TextRows
-from hist_vlm.models.base import FusionOutput
+from hist_vlm.models.base import ContrastiveModel, FusionOutput, MatchingModel
 from losses_fixtures import tiny_albef, tiny_blip
 
 E = 8  # feature size of the scripted backbone
@@ -44,12 +44,14 @@ def random_logit(image: int, text: int) -> float:
     return float(np.random.default_rng([2, image, text]).standard_normal())
 
 
-class ScriptedBackbone(nn.Module):
+class ScriptedBackbone(nn.Module, ContrastiveModel, MatchingModel):
     """The members of the protocol that retrieval uses, over content codes: an image is its
     pixels' crc32, a text its crc32; ITC features are seeded unit vectors of the codes and the
     ITM match logit is `itm(image, text)`. It counts encoded images and records every pair it fuses."""
 
     max_text_length = 64
+    name = "scripted"
+    embed_dim = E
 
     def __init__(self, itm):
         super().__init__()

@@ -154,13 +154,59 @@ def test_a_language_term_the_backbone_cannot_compute_is_an_error_never_a_silent_
     cfg = dict(schedule="constant", capture_layers=(1,))
     out = HistLoss(HistLossConfig(**cfg, mlm_weight=0.0), model)(model, batch, 0.5)
     out["loss"].backward()  # trains: ITC + ITM + the HIST terms, no language term
-    assert torch.isfinite(out["loss"]) and out["mlm"] == 0 and out["add"] > 0
+    assert torch.isfinite(out["loss"]) and out["add"] > 0
+    assert {"itc", "itm", "phrase_itc", "subject_itm"} <= set(out) and not {"mlm", "phrase_mlm", "rank"} & set(out)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     # unset (the default): the language term where the backbone has one, none where it has not
     default = HistLoss(HistLossConfig(**cfg), model)(model, batch, 0.5)
     torch.testing.assert_close(default["loss"], out["loss"], rtol=0, atol=0)
     captioner = tiny_blip()
     assert HistLoss(HistLossConfig(**cfg), captioner)(captioner, hist_batch(captioner), 0.5)["mlm"] > 0
+
+
+@pytest.mark.parametrize("objectives, message", [
+    (("itc", "itm", "rank"), r"^loss\.objectives: 'rank' needs a CaptioningModel, which the blip backbone is not; "
+                             r"it computes: itc, itm$"),
+    (("mlm",), r"^loss\.objectives: 'mlm' needs a language head"),
+])
+def test_an_objective_the_backbone_cannot_compute_is_a_one_line_error(objectives, message):
+    torch.manual_seed(0)
+    model = build_backbone("blip", {"size": "tiny"})  # ITC + ITM only
+    with pytest.raises(ValueError, match=message):
+        HistLoss(HistLossConfig(objectives=objectives), model)
+
+
+def test_objectives_choose_what_each_level_sums():
+    """The default is every objective the backbone has (rank only without an ITM head); a
+    chosen subset computes and logs only those, and `mlm_weight` cannot contradict it."""
+    from hist_vlm.losses.hist import check_backbone
+
+    captioner = tiny_blip()
+    assert check_backbone(HistLossConfig(), captioner) == (("itc", "itm", "mlm"), 1.0)
+    assert check_backbone(HistLossConfig(objectives=("rank", "itc")), captioner) == (("itc", "rank"), 0.0)
+    with pytest.raises(ValueError, match=r"^loss\.mlm_weight=1\.0 but loss\.objectives \['itc'\] has no 'mlm'"):
+        check_backbone(HistLossConfig(objectives=("itc",), mlm_weight=1.0), captioner)
+    with pytest.raises(ValueError, match="objectives must be distinct names"):
+        HistLossConfig(objectives=("itc", "itx"))
+    batch = hist_batch(captioner)
+    out = HistLoss(HistLossConfig(schedule="constant", capture_layers=(1,), objectives=("itc", "rank")),
+                   captioner)(captioner, batch, 0.5)
+    assert {"itc", "rank", "phrase_itc", "phrase_rank", "subject_itc", "subject_rank", "add"} <= set(out)
+    assert not {"itm", "mlm", "phrase_itm", "phrase_mlm", "subject_itm"} & set(out)
+    # rank = mean softplus(s(T | other image) - s(T | own image)), written out for the captions:
+    # the first shared-seed draws (nothing else draws here) pick each caption's other image
+    from hist_vlm.batch import TextRows
+    from hist_vlm.losses.itm import sample_rows
+
+    caps = batch.captions
+    with torch.no_grad():
+        image_embeds = captioner.encode_image(batch.pixel_values)
+        u = torch.rand(len(caps), generator=torch.Generator().manual_seed(0))
+        other = sample_rows(1.0 - torch.eye(4), u)
+        assert not torch.equal(other, caps.image_index)
+        own = captioner.text_log_likelihood(caps, image_embeds)
+        neg = captioner.text_log_likelihood(TextRows(caps.input_ids, caps.attention_mask, other), image_embeds)
+    torch.testing.assert_close(out["rank"].detach(), torch.nn.functional.softplus(neg - own).mean())
 
 
 def _trainer_overrides(tmp_path, *extra):

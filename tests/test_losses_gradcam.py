@@ -105,11 +105,13 @@ def test_reference_recipe_matches_albef_grounding_written_out(name):
     fused = model.fuse_rows(rows, img, capture_layer=layer)
     attn = fused.cross_attention
     attn.retain_grad()
-    model.itm_logits(fused)[:, 1].sum().backward()
-    n, heads, t, _ = attn.shape
+    model.grounding_score(fused).sum().backward()
+    tokens, patches = fused.capture_block  # ALBEF, BLIP: every token, the columns after the image CLS
+    block, grad = attn[..., tokens, patches], attn.grad[..., tokens, patches]
+    n, heads, t, _ = block.shape
     mask = (rows.attention_mask if fused.capture_mask is None else fused.capture_mask).view(n, 1, t, 1).float()
-    cams = attn[..., 1:] * mask
-    grads = attn.grad[..., 1:].clamp(min=0) * mask
+    cams = block * mask
+    grads = grad.clamp(min=0) * mask
     expected = (cams * grads).mean(1).mean(1).reshape(n, *model.patch_grid)
     got = gradcam_maps(model, img, rows, layers=(layer,), recipe="reference")
     torch.testing.assert_close(got, expected.detach())

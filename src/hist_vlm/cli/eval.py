@@ -159,7 +159,7 @@ def retrieval(
     re-ranking of the top k, as ALBEF's Retrieval.py evaluates."""
     from hist_vlm.data.images import ImageError
     from hist_vlm.data.retrieval import CaptionFileError, read_caption_corpus, read_retrieval_test
-    from hist_vlm.eval.retrieval import DEFAULT_K, SCORES, evaluate_retrieval
+    from hist_vlm.eval.retrieval import DEFAULT_K, SCORES, check_retrieval_backbone, evaluate_retrieval
 
     if data not in RETRIEVAL_DATA:
         raise typer.BadParameter(f"--data {data!r}: choose one of {', '.join(RETRIEVAL_DATA)}")
@@ -171,6 +171,10 @@ def retrieval(
         raise typer.BadParameter(f"--image-root is required for {data}")
     check_out(out, "--out", JSON)
     model, cfg = load_model(config, checkpoint, image_size)
+    try:
+        check_retrieval_backbone(model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if ann is None:
         ann = Path(cfg.run.dir) / "world" / "captions_test.jsonl"
     try:

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hist_vlm._io import atomic_file
+from hist_vlm.models.base import ContrastiveModel, MatchingModel
 from hist_vlm.data.retrieval import RetrievalCorpus
 from hist_vlm.losses.itc import similarity
 
@@ -124,6 +125,13 @@ class _ImageFiles(torch.utils.data.Dataset):
         from hist_vlm.data.images import open_rgb
 
         return self.preprocess(open_rgb(self.paths[i]))
+
+
+def check_retrieval_backbone(model) -> None:
+    """A ValueError unless `model` ranks by ITC and re-ranks by ITM (a decoder, LLaVA, does neither)."""
+    if not (isinstance(model, ContrastiveModel) and isinstance(model, MatchingModel)):
+        raise ValueError(f"the {model.name} backbone has no ITC features and ITM head: retrieval evaluation "
+                         "ranks with the one and re-ranks with the other")
 
 
 @torch.no_grad()
@@ -284,6 +292,7 @@ def evaluate_retrieval(
     """
     from hist_vlm.eval.grounding import eval_transform, text_length_limit
 
+    check_retrieval_backbone(model)
     if k_test < 1:
         raise ValueError(f"k_test must be at least 1, got {k_test}")
     if score not in SCORES:

@@ -1,7 +1,10 @@
-"""Differentiable, batched ITM GradCAM on cross-attention: G = ReLU(A * d(match logit)/dA).
+"""Differentiable, batched GradCAM on the attention that reads the image: G = ReLU(A * d score/dA).
 
-Rows never interact inside the fusion encoder, so the gradient of the SUM of all rows' match
-logits gives every row's own gradient: one `autograd.grad` call serves the whole batch.
+The score is the backbone's `grounding_score`: the ITM match logit of an encoder (the paper),
+the text's log-likelihood given the image of a decoder (LLaVA). A is the captured attention's
+`capture_block` (FusionOutput): the text (or query) tokens' rows, the patch-grid columns.
+Rows never interact inside the fusion pass, so the gradient of the SUM of all rows' scores
+gives every row's own gradient: one `autograd.grad` call serves the whole batch.
 With `create_graph=True` the maps stay differentiable (second order) for the addition loss.
 Several layers (a layer combination, the layer/head sweep) are captured in the same single
 fusion pass, so their cost is one pass and one gradient call whatever their number.
@@ -61,7 +64,7 @@ def _layer_cams(
     text_embeds: Tensor | None,
 ) -> tuple[list[Tensor], Tensor]:
     """(ReLU(A * dA) of every layer in `layers` (repeats allowed): one [N, heads, S, P] per
-    entry, image-CLS column dropped; the [N, S] mask of the tokens they average over). ONE
+    entry, the captured tensors' `capture_block`; the [N, S] mask of the tokens they average over). ONE
     fusion pass captures all the distinct layers and ONE `autograd.grad` call gives every
     capture's gradient. S is the rows' text, or the tokens the backbone's `capture_mask` names."""
     distinct = tuple(dict.fromkeys(int(x) for x in layers))
@@ -76,9 +79,11 @@ def _layer_cams(
                 "cross-attention was not captured in the autograd graph; GradCAM needs the model "
                 "parameters to require grad"
             )
-        match = model.itm_logits(fused)[:, 1].sum()  # rows are independent: one scalar serves all
-        grads = torch.autograd.grad(match, attns, create_graph=create_graph)
-    cams = {x: (a * g).clamp(min=0)[..., 1:] for x, a, g in zip(distinct, attns, grads)}  # [N, heads, S, P]
+        score = model.grounding_score(fused).sum()  # rows are independent: one scalar serves all
+        grads = torch.autograd.grad(score, attns, create_graph=create_graph)
+    tokens, patches = fused.capture_block
+    cams = {x: (a[..., tokens, patches] * g[..., tokens, patches]).clamp(min=0)
+            for x, a, g in zip(distinct, attns, grads)}  # [N, heads, S, P]
     mask = rows.attention_mask if fused.capture_mask is None else fused.capture_mask
     return [cams[int(x)] for x in layers], mask
 

@@ -7,6 +7,15 @@ L_phrase  ITC + ITM + l_m MLM/LM on (image, noun phrase C_i)
           MLM/LM pass (ALBEF's retrieval fine-tuning is ITC + ITM); > 0 on a backbone without
           a language head is an error when HistLoss is built, never a silent 0
 L_subject ITC + ITM on (image, subject S_i)
+
+The vision-language objectives each level sums are `objectives` (`OBJECTIVES`), each needing a
+capability the backbone declares (models.base): itc (ContrastiveModel), itm (MatchingModel),
+mlm (the language head: MaskedLanguageModel or CaptioningModel), rank (CaptioningModel: the
+text likelier given its image than given another image of the batch, `terms.Rank`). None (the
+default) = every one the backbone has, rank only where there is no ITM head: ITC + ITM + MLM
+for ALBEF, ITC + ITM (+ LM) for BLIP, ITC + ITM for BLIP-2, LM + rank for LLaVA (a decoder:
+its levels are L_vl = LM + rank on captions, L_phrase = LM + rank on phrases, L_subject = rank
+on subjects). Naming one the backbone cannot compute is an error when HistLoss is built.
 L_add     sum over patches |G_i + G_j - G_ij|, mean over pairs; G = GradCAM (`train` recipe,
           create_graph=True) of C_i, C_j and "C_i and C_j" from ONE autograd.grad call.
           The paper's later version calls it the COMPOSITION loss: one term, two names.
@@ -57,13 +66,14 @@ from hist_vlm.batch import HistBatch
 from hist_vlm.losses.distributed import local_shard, world
 from hist_vlm.losses.itc import ItcLoss
 from hist_vlm.losses.terms import (
-    AdditionTerm, CaptionTerm, EncodedText, Itc, Itm, Lm, PhraseTerm, Step, SubjectTerm, TextTerm,
+    AdditionTerm, CaptionTerm, EncodedText, Itc, Itm, Lm, PhraseTerm, Rank, Step, SubjectTerm, TextTerm,
 )
 from hist_vlm.models.base import (
-    CaptioningModel, MaskedLanguageModel, MomentumTwin, VisionLanguageBackbone,
+    CaptioningModel, ContrastiveModel, MaskedLanguageModel, MatchingModel, MomentumTwin, VisionLanguageBackbone,
 )
 
 SCHEDULES = ("paper", "constant", "off")
+OBJECTIVES = ("itc", "itm", "mlm", "rank")
 ADD_NORMALIZES = ("none", "minmax", "distribution")
 
 
@@ -93,6 +103,8 @@ class HistLossConfig:
     #: l_m. None: 1 if the backbone has a language head, else no language term; 0: no MLM/LM
     #: pass at all (ALBEF's Retrieval.py trains ITC + ITM); > 0 needs a language head
     mlm_weight: float | None = None
+    #: the vision-language objectives of every level (module doc); None = the backbone's own
+    objectives: tuple[str, ...] | None = None
     itm_hard_negatives: bool = True       # False: uniform over the non-positives
     itm_group_size: int | None = None      # negatives among groups of this many images (None: local batch)
     paper_ramp_epochs: float = 2.0         # the paper schedule's w(t) reaches 0 after this many epochs (> 0)
@@ -121,6 +133,11 @@ class HistLossConfig:
             raise ValueError(f"itm_group_size must be >= 1 (or null: the local batch), got {self.itm_group_size}")
         if self.capture_head is not None and self.capture_head < 0:
             raise ValueError(f"capture_head must be >= 0 (or null: the mean over heads), got {self.capture_head}")
+        if self.objectives is not None:
+            unknown = [x for x in self.objectives if x not in OBJECTIVES]
+            if unknown or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+                raise ValueError(f"objectives must be distinct names from {OBJECTIVES}, at least one; got "
+                                 f"{list(self.objectives)}")
         if self.capture_layers is not None:
             if not self.capture_layers:
                 raise ValueError("capture_layers is empty: give at least one layer, or null for the backbone's default")
@@ -134,10 +151,24 @@ class HistLossConfig:
         self.lambda_composition = None
 
 
-def check_backbone(config: HistLossConfig, model: VisionLanguageBackbone) -> float:
+def available_objectives(model: VisionLanguageBackbone) -> dict[str, bool]:
+    """Each of `OBJECTIVES`: whether `model` declares the capability it needs."""
+    has_lm = isinstance(model, (MaskedLanguageModel, CaptioningModel))
+    contrastive = isinstance(model, ContrastiveModel)
+    return {"itc": contrastive, "itm": contrastive and isinstance(model, MatchingModel), "mlm": has_lm,
+            "rank": isinstance(model, CaptioningModel)}
+
+
+_NEEDS = {"itc": "a ContrastiveModel (ITC features)",
+          "itm": "a MatchingModel (an ITM head) and a ContrastiveModel (the ITC features its negatives are drawn from)",
+          "mlm": "a language head (a MaskedLanguageModel or a CaptioningModel)", "rank": "a CaptioningModel"}
+
+
+def check_backbone(config: HistLossConfig, model: VisionLanguageBackbone) -> tuple[tuple[str, ...], float]:
     """What `config` asks of `model`, checked before any step runs: a ValueError naming the
-    `loss.*` key for a capture layer or head the model does not have, a language term or a
-    subject masking rate it cannot compute. Returns l_m, `mlm_weight` resolved (module doc)."""
+    `loss.*` key for a capture layer or head the model does not have, an objective, language
+    term or subject masking rate it cannot compute. Returns (the objectives, in `OBJECTIVES`
+    order; l_m, `mlm_weight` resolved) (module doc)."""
     n_layers, n_heads = model.num_cross_attention_layers, model.num_cross_attention_heads
     bad = [x for x in (config.capture_layers or ()) if not 0 <= x < n_layers]
     if bad:
@@ -146,17 +177,31 @@ def check_backbone(config: HistLossConfig, model: VisionLanguageBackbone) -> flo
     if config.capture_head is not None and not 0 <= config.capture_head < n_heads:
         raise ValueError(f"loss.capture_head: head {config.capture_head} does not exist: the {model.name} "
                          f"backbone's cross-attention has {n_heads} heads (0..{n_heads - 1})")
-    has_lm = isinstance(model, (MaskedLanguageModel, CaptioningModel))
-    if config.mlm_weight is not None and config.mlm_weight > 0 and not has_lm:
+    able = available_objectives(model)
+    has = ", ".join(x for x in OBJECTIVES if able[x])
+    for x in config.objectives or ():
+        if not able[x]:
+            raise ValueError(f"loss.objectives: {x!r} needs {_NEEDS[x]}, which the {model.name} backbone is not; "
+                             f"it computes: {has}")
+    if config.mlm_weight is not None and config.mlm_weight > 0 and not able["mlm"]:
         raise ValueError(f"loss.mlm_weight={config.mlm_weight}: the {model.name} backbone cannot compute the "
                          "language (MLM/LM) term: it is neither a MaskedLanguageModel nor a CaptioningModel "
                          "(BLIP: give model.params.decoder, a BlipForConditionalGeneration folder); set loss.mlm_weight=0")
     if config.mlm_subject_probability is not None and not isinstance(model, MaskedLanguageModel):
         raise ValueError(f"loss.mlm_subject_probability={config.mlm_subject_probability}: the {model.name} "
                          "backbone has no masked LM (not a MaskedLanguageModel) whose masking it could set")
+    if config.objectives is None:
+        chosen = {x for x in OBJECTIVES if able[x]} - ({"rank"} if able["itm"] else set())
+    else:
+        chosen = set(config.objectives)
+        if "mlm" not in chosen and config.mlm_weight:
+            raise ValueError(f"loss.mlm_weight={config.mlm_weight} but loss.objectives {list(config.objectives)} "
+                             "has no 'mlm': add it, or set loss.mlm_weight=0")
     if config.mlm_weight is None:
-        return 1.0 if has_lm else 0.0
-    return config.mlm_weight
+        lm_weight = 1.0 if "mlm" in chosen else 0.0
+    else:
+        lm_weight = config.mlm_weight
+    return tuple(x for x in OBJECTIVES if x in chosen), lm_weight
 
 
 def hist_weight(schedule: str, progress: float, ramp_epochs: float = 2.0) -> float:
@@ -181,17 +226,18 @@ class HistLoss(nn.Module):
         captions, masked at `mlm_subject_probability` (the trainer passes them)."""
         super().__init__()
         cfg = self.config = config
-        lm_weight = check_backbone(config, model)
+        #: the objectives every level sums (module doc), resolved against the backbone
+        self.objectives, lm_weight = check_backbone(config, model)
         queue_size = config.queue_size if model.momentum_twin() is not None else 0
-        self.itc = ItcLoss(model.embed_dim, queue_size)
+        self.itc = ItcLoss(model.embed_dim, queue_size) if "itc" in self.objectives else None
         #: the vision-language terms, in the order they run (and draw)
         self.vl_terms = {"itc": Itc(self.itc), "itm": Itm(cfg.itm_hard_negatives, cfg.itm_group_size),
-                         "mlm": Lm(cfg.mlm_probability, cfg.mlm_subject_probability, subject_ids)}
-        self.vl = CaptionTerm(lm_weight)
+                         "mlm": Lm(cfg.mlm_probability, cfg.mlm_subject_probability, subject_ids), "rank": Rank()}
+        self.vl = CaptionTerm(self.objectives, lm_weight)
         layers = tuple(int(x) for x in (cfg.capture_layers or model.default_capture_layers))
         self.terms: list[tuple[str, float, TextTerm | AdditionTerm]] = [
-            ("phrase", cfg.lambda_phrase, PhraseTerm(lm_weight)),
-            ("subject", cfg.lambda_subject, SubjectTerm()),
+            ("phrase", cfg.lambda_phrase, PhraseTerm(self.objectives, lm_weight)),
+            ("subject", cfg.lambda_subject, SubjectTerm(self.objectives)),
             ("add", cfg.lambda_add, AdditionTerm(layers, cfg.capture_head, cfg.capture_combine, cfg.add_normalize)),
         ]
         self._gen: torch.Generator | None = None
@@ -211,12 +257,13 @@ class HistLoss(nn.Module):
         alpha = cfg.alpha * min(1.0, max(0.0, progress)) if twin is not None else 0.0  # ramped over epoch 0
         if twin is not None:
             model.update_momentum(cfg.momentum)
-        temp = model.temp
-        with torch.no_grad():
-            temp.clamp_(0.001, 0.5)  # ALBEF clamps at every forward
         image_embeds = model.encode_image(batch.pixel_values)  # [B, 1+P, Dv], once per image
-        image_feat = model.image_features(image_embeds)        # [B, E] (or [B, K, E])
-        image_embeds_m = image_feat_m = None
+        temp = image_feat = image_embeds_m = image_feat_m = None
+        if isinstance(model, ContrastiveModel):
+            temp = model.temp
+            with torch.no_grad():
+                temp.clamp_(0.001, 0.5)  # ALBEF clamps at every forward
+            image_feat = model.image_features(image_embeds)    # [B, E] (or [B, K, E])
         if twin is not None:
             with torch.no_grad():
                 image_embeds_m = twin.encode_image(batch.pixel_values)
@@ -228,8 +275,10 @@ class HistLoss(nn.Module):
         self, model: VisionLanguageBackbone, twin: MomentumTwin | None, batch: HistBatch, kinds: list[str],
     ) -> dict[str, EncodedText]:
         """Every kind through the text encoder at its own padded length (a subject is ~3
-        tokens, a caption ~25: one call padded to the longest mostly encoded padding)."""
-        return {k: EncodedText.encode(model, twin, getattr(batch, k)) for k in kinds}
+        tokens, a caption ~25: one call padded to the longest mostly encoded padding); without
+        ITC and ITM the text encoder is not run (a decoder has none)."""
+        unimodal = "itc" in self.objectives or "itm" in self.objectives  # the text encoder's readers
+        return {k: EncodedText.encode(model, twin, getattr(batch, k), unimodal) for k in kinds}
 
     def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
         cfg = self.config
@@ -256,9 +305,11 @@ class HistLoss(nn.Module):
         for term in [self.vl] + [t for _, _, t in self.terms]:
             for key in term.names:
                 out.setdefault(key, zero)
-        caps = step.texts[self.vl.kind]  # after every ITC term of this step has read the queue
-        self.itc.enqueue(step.image_feat_m, caps.feat_m, batch.image_ids, caps.rows.image_index)
+        if self.itc is not None:
+            caps = step.texts[self.vl.kind]  # after every ITC term of this step has read the queue
+            self.itc.enqueue(step.image_feat_m, caps.feat_m, batch.image_ids, caps.rows.image_index)
         out["loss"] = total
         out["hist_weight"] = torch.tensor(w)
-        out["temp"] = step.temp.detach()
+        if step.temp is not None:
+            out["temp"] = step.temp.detach()
         return out

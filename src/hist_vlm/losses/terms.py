@@ -2,13 +2,16 @@
 
 Vision-language terms share one call, `term(step, kinds) -> [loss of each kind]`, and each runs
 over EVERY kind of text that needs it at once (captions, phrases, subjects: `HistBatch` fields):
-  Itc  one `ItcLoss` (one queue) for every kind
-  Itm  every kind's negatives drawn, then one `itm_losses` call fuses each kind at its own length
-  Lm   every kind's MLM masks drawn, then the vocabulary head on the masked tokens only
+  Itc   one `ItcLoss` (one queue) for every kind
+  Itm   every kind's negatives drawn, then one `itm_losses` call fuses each kind at its own length
+  Lm    every kind's MLM masks drawn, then the vocabulary head on the masked tokens only
+  Rank  every kind's negative images drawn, then each kind's likelihood under both images
 HistLoss runs them in that order, so the shared-seed draws come in one fixed order (ITM negatives
-of captions, phrases, subjects, then MLM masks of captions, phrases) whatever terms are on.
+of captions, phrases, subjects, then MLM masks of captions, phrases, then rank negatives)
+whatever terms are on.
 
-Named terms are what the objective sums and logs, `term(step) -> (loss, {key: value})`:
+Named terms are what the objective sums and logs, `term(step) -> (loss, {key: value})`; each
+sums the parts among the loss's objectives (hist.py), ALBEF's shown:
   CaptionTerm  L_vl       ITC + ITM + l_m LM on captions           itc, itm, mlm
   PhraseTerm   L_phrase   ITC + ITM + l_m LM on noun phrases C_i   phrase_itc, phrase_itm, phrase_mlm
   SubjectTerm  L_subject  ITC + ITM on subjects S_i                subject_itc, subject_itm
@@ -24,15 +27,17 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hist_vlm.batch import HistBatch, TextRows, cat_rows
 from hist_vlm.losses.distributed import global_mean
 from hist_vlm.losses.gradcam import gradcam_maps, minmax_maps
 from hist_vlm.losses.itc import ItcLoss, text_keys
-from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses, with_negative_texts
+from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses, sample_rows, with_negative_texts
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
-from hist_vlm.models.base import CaptioningModel, MaskedLanguageModel, MomentumTwin, VisionLanguageBackbone
+from hist_vlm.models.base import (CaptioningModel, ContrastiveModel, MaskedLanguageModel, MomentumTwin,
+                                  VisionLanguageBackbone)
 
 
 @dataclass
@@ -40,19 +45,25 @@ class EncodedText:
     """One kind of text rows through the text encoder, with everything the terms read."""
 
     rows: TextRows
-    embeds: Tensor          # [N, T, D] unimodal
-    feat: Tensor            # [N, E]
+    embeds: Tensor | None   # [N, T, D] unimodal (None: not encoded, no ITC/ITM this step)
+    feat: Tensor | None     # [N, E]
     feat_m: Tensor | None   # [N, E] the momentum twin's
     keys: Tensor            # [N] text_keys: token-identical texts are positives
 
     @classmethod
-    def encode(cls, model: VisionLanguageBackbone, twin: MomentumTwin | None, rows: TextRows) -> EncodedText:
+    def encode(cls, model: VisionLanguageBackbone, twin: MomentumTwin | None, rows: TextRows,
+               unimodal: bool = True) -> EncodedText:
+        """`unimodal`: run the text encoder (ITC, ITM need it; a `ContrastiveModel` has one)."""
+        keys = text_keys(rows.input_ids, rows.attention_mask)
+        if not unimodal:
+            return cls(rows, None, None, None, keys)
+        assert isinstance(model, ContrastiveModel)  # HistLoss checked the objectives against the model
         embeds = model.encode_text(rows.input_ids, rows.attention_mask)
         feat_m = None
         if twin is not None:
             with torch.no_grad():
                 feat_m = twin.text_features(twin.encode_text(rows.input_ids, rows.attention_mask))
-        return cls(rows, embeds, model.text_features(embeds), feat_m, text_keys(rows.input_ids, rows.attention_mask))
+        return cls(rows, embeds, model.text_features(embeds), feat_m, keys)
 
 
 @dataclass
@@ -62,16 +73,16 @@ class Step:
     model: VisionLanguageBackbone
     twin: MomentumTwin | None
     batch: HistBatch
-    temp: Tensor                    # [] the backbone's ITC temperature (clamped)
+    temp: Tensor | None             # [] the backbone's ITC temperature (clamped); None without ITC
     alpha: float                    # distillation weight now (0 without a twin)
     image_embeds: Tensor            # [B, 1+P, Dv]
     image_embeds_m: Tensor | None   # [B, 1+P, Dv] momentum
-    image_feat: Tensor              # [B, E] (or [B, K, E])
+    image_feat: Tensor | None       # [B, E] (or [B, K, E]); None without ITC
     image_feat_m: Tensor | None     # [B, E] momentum
     texts: dict[str, EncodedText]   # by HistBatch field
     #: shared-seed uniforms for the local rows, drawn for the global batch (HistLoss._uniform)
     uniform: Callable[..., Tensor]
-    #: the vision-language terms' values by (kind, "itc" | "itm" | "mlm"), filled by HistLoss
+    #: the vision-language terms' values by (kind, "itc" | "itm" | "mlm" | "rank"), filled by HistLoss
     #: before the named terms read them
     vl_losses: dict[tuple[str, str], Tensor] = field(default_factory=dict)
 
@@ -166,24 +177,52 @@ class Lm:
         return mlm_loss(logits, labels[chosen], logits_m, step.alpha)
 
 
+class Rank:
+    """Likelihood ranking, the matching term of a model without an ITM head (a decoder): each
+    row's text should be likelier given its own image than given another image of the batch,
+    softplus(s(T | I-) - s(T | I)) = -log sigmoid(s+ - s-), with s the mean per-token
+    log-likelihood (`CaptioningModel.text_log_likelihood`) and I- drawn uniformly among the
+    local images with another image id. Every kind's negatives are drawn first (the draw order),
+    then each kind's rows with both images run as one pass."""
+
+    def __call__(self, step: Step, kinds: list[str]) -> list[Tensor]:
+        model, ids = step.model, step.batch.image_ids
+        if not isinstance(model, CaptioningModel):
+            raise RuntimeError(f"the {model.name} backbone is not a CaptioningModel: the rank term cannot be computed")
+        rows_of = [step.texts[k].rows for k in kinds]
+        negatives = [
+            sample_rows((ids[r.image_index, None] != ids[None, :]).float(),  # [N, B] 1 = another image
+                        step.uniform(len(r), device=step.image_embeds.device))
+            for r in rows_of
+        ]
+        losses = []
+        for rows, negative in zip(rows_of, negatives):
+            both = cat_rows(rows, TextRows(rows.input_ids, rows.attention_mask, negative))
+            own, other = model.text_log_likelihood(both, step.image_embeds).split(len(rows))  # [N] each
+            losses.append(global_mean(F.softplus(other - own)))
+        return losses
+
+
 # ---------------------------------------------------------------------------- named terms
 
 class TextTerm:
-    """The sum of vision-language `parts` on one `kind` of rows; logged as `prefix + part`.
-    The LM part is weighted by l_m (`mlm_weight`); at 0 the LM pass is skipped, its key logs 0."""
+    """The sum of the vision-language `parts` among the loss's `objectives` on one `kind` of
+    rows; logged as `prefix + part`. The LM part is weighted by l_m (`mlm_weight`); at 0 the LM
+    pass is skipped, its key logs 0."""
 
     kind: ClassVar[str]
     prefix: ClassVar[str]
-    parts: ClassVar[tuple[str, ...]]   # of "itc", "itm", "mlm", summed in this order
-    draws: ClassVar[bool] = True       # its kind's ITM negatives and MLM masks come from the shared draws
+    parts: ClassVar[tuple[str, ...]]   # of "itc", "itm", "mlm", "rank", summed in this order
+    draws: ClassVar[bool] = True       # its kind's ITM/rank negatives and MLM masks come from the shared draws
 
-    def __init__(self, lm_weight: float = 1.0) -> None:
+    def __init__(self, objectives: tuple[str, ...] = ("itc", "itm", "mlm"), lm_weight: float = 1.0) -> None:
         self.lm_weight = lm_weight
-        self.names = tuple(self.prefix + p for p in self.parts)
+        self.parts_on = tuple(p for p in self.parts if p in objectives)
+        self.names = tuple(self.prefix + p for p in self.parts_on)
 
     def needs(self) -> tuple[str, ...]:
         """The parts to compute this step."""
-        return tuple(p for p in self.parts if p != "mlm" or self.lm_weight > 0)
+        return tuple(p for p in self.parts_on if p != "mlm" or self.lm_weight > 0)
 
     def __call__(self, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
         values = {p: step.vl_losses[self.kind, p] for p in self.needs()}
@@ -196,17 +235,18 @@ class TextTerm:
 
 class CaptionTerm(TextTerm):
     """L_vl on (image, caption): the baseline objective, never scheduled."""
-    kind, prefix, parts = "captions", "", ("itc", "itm", "mlm")
+    kind, prefix, parts = "captions", "", ("itc", "itm", "mlm", "rank")
 
 
 class PhraseTerm(TextTerm):
     """L_phrase on (image, noun phrase C_i)."""
-    kind, prefix, parts = "phrases", "phrase_", ("itc", "itm", "mlm")
+    kind, prefix, parts = "phrases", "phrase_", ("itc", "itm", "mlm", "rank")
 
 
 class SubjectTerm(TextTerm):
-    """L_subject on (image, subject S_i): a subject is a word or two, nothing worth masking."""
-    kind, prefix, parts = "subjects", "subject_", ("itc", "itm")
+    """L_subject on (image, subject S_i): a subject is a word or two, nothing worth masking
+    (nor worth modelling: the phrase's LM already predicts it)."""
+    kind, prefix, parts = "subjects", "subject_", ("itc", "itm", "rank")
 
 
 class AdditionTerm:

@@ -34,7 +34,9 @@ from transformers.models.bert.modeling_bert import (
 from hist_vlm._io import atomic_write_bytes
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import (
+    ContrastiveModel,
     FusionOutput,
+    MatchingModel,
     MaskedLanguageModel,
     MaskTokens,
     MomentumTwin,
@@ -500,7 +502,7 @@ PAPER_EVAL_MAP = EvalMap(layers=(2,), head=None, combine="mean")
 
 
 @register("albef", sizes={"tiny": TINY, "small": SMALL, "base": {}}, derives_vocab=True, eval_map=PAPER_EVAL_MAP)
-class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
+class AlbefModel(_AlbefTowers, VisionLanguageBackbone, ContrastiveModel, MatchingModel, MaskedLanguageModel):
     """ALBEF with ITC projections, ITM head, learnable `temp` and (optionally) momentum copies.
 
     Beyond the protocol: `fuse` (fusion of encoded text), `itm_logits_from` and
@@ -530,6 +532,9 @@ class AlbefModel(_AlbefTowers, VisionLanguageBackbone, MaskedLanguageModel):
 
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         return self.itm_head(fused.last_hidden_state[:, 0])  # [N, 2]
+
+    def grounding_score(self, fused: FusionOutput) -> Tensor:
+        return self.itm_logits(fused)[:, 1]  # [N] the match logit (the paper's GradCAM score)
 
     def momentum_twin(self) -> "AlbefMomentumTwin | None":
         return AlbefMomentumTwin(self) if self.config.momentum else None

@@ -22,21 +22,30 @@ from hist_vlm.models.layout import (CONFIG_FILE, WEIGHTS_FILE, built_from, load_
 
 @dataclass
 class FusionOutput:
-    """Output of the image-grounded (fusion) text encoder.
+    """Output of the image-grounded text pass (the fusion encoder, or a decoder reading the image).
 
-    The captured cross-attention's token axis (S) is the text rows' tokens for ALBEF and BLIP
-    (S = T, masked by `rows.attention_mask`); a backbone whose image is read by other tokens
-    names them with `capture_mask` (BLIP-2: its Q query tokens, all valid), and GradCAM
-    averages over those instead."""
+    A captured attention tensor's last two axes are (reading tokens, keys). The map is its
+    `capture_block`: by default every token row and every column after the image CLS, i.e.
+    [N, heads, S, 1+P] with S = the rows' text tokens (ALBEF, BLIP; masked by
+    `rows.attention_mask`). A backbone whose image is read by other tokens names them with
+    `capture_mask` (BLIP-2: its Q query tokens, all valid); one whose image tokens sit inside
+    a longer sequence (LLaVA: [N, heads, L, L] decoder self-attention) names the rows and the
+    P patch columns with `capture_block`. GradCAM differentiates the whole captured tensor and
+    reads the block, so the gradient is the true one whatever else the tensor holds."""
 
     last_hidden_state: Tensor        # [N, T', D] (T' = T, or Q + T for BLIP-2: queries first)
-    cross_attention: Tensor | None   # [N, heads, S, 1+P] softmax probabilities of the captured
+    cross_attention: Tensor | None   # [N, heads, S', K] softmax probabilities of the captured
                                      # layer, pre-dropout, still in the autograd graph
     #: every captured layer's probabilities, in the order `capture_layer` named them (one
     #: fusion pass can capture several layers: GradCAM's layer combinations, the layer sweep)
     cross_attentions: tuple[Tensor, ...] = ()
-    #: [N, S] 1 = a token whose cross-attention counts; None: the rows' own attention_mask
+    #: [N, S] 1 = a token (row of the block) whose attention counts; None: the rows' attention_mask
     capture_mask: Tensor | None = None
+    #: (token rows S, patch columns P) of each captured tensor that make the map
+    capture_block: tuple[slice, slice] = (slice(None), slice(1, None))
+    #: [N] the grounding score, when the pass computes it itself (LLaVA: the text's log-likelihood
+    #: given the image); None: `grounding_score` derives it from the hidden states (an ITM head)
+    score: Tensor | None = None
 
 
 def capture_layers(capture_layer: int | Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
@@ -54,11 +63,20 @@ def capture_layers(capture_layer: int | Sequence[int] | None, n_layers: int) -> 
 
 def captured_output(
     capture_layer: int | Sequence[int] | None, last_hidden_state: Tensor, probs: Sequence[Tensor],
-    capture_mask: Tensor | None = None,
+    capture_mask: Tensor | None = None, **fields: Any,
 ) -> FusionOutput:
-    """The FusionOutput of a pass that captured `probs` (in `capture_layer`'s order)."""
+    """The FusionOutput of a pass that captured `probs` (in `capture_layer`'s order); `fields`:
+    FusionOutput's other fields (`capture_block`, `score`)."""
     single = probs[0] if isinstance(capture_layer, int) else None
-    return FusionOutput(last_hidden_state, single, tuple(probs), capture_mask)
+    return FusionOutput(last_hidden_state, single, tuple(probs), capture_mask, **fields)
+
+
+def mean_log_likelihood(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """[N] each row's mean log-probability of its `targets` [N, T] under `logits` [N, T, V]
+    (position t predicts targets[:, t]), over the tokens where `mask` [N, T] is 1."""
+    logp = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, T]
+    mask = mask.to(logp.dtype)
+    return (logp * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class MomentumTwin(nn.Module, abc.ABC):
@@ -85,16 +103,20 @@ class MomentumTwin(nn.Module, abc.ABC):
 class VisionLanguageBackbone(nn.Module, abc.ABC):
     """The protocol. Shapes: B images, N text rows, T tokens, P patches, D width, E embed dim.
 
-    Everything a caller may ask is a typed member here; nothing is probed with `getattr`.
-    Language modelling is optional: a backbone that has it also derives from
-    `MaskedLanguageModel` (ALBEF) or `CaptioningModel` (BLIP with its decoder), and callers
-    check with `isinstance`. A backbone registers itself with `hist_vlm.models.registry.register`.
+    Everything a caller may ask is a typed member here or on a capability; nothing is probed
+    with `getattr`. The core is what grounding needs: images, text rows, the image-grounded
+    text pass with its captured attention, and the score GradCAM differentiates. The training
+    objectives are optional capabilities a backbone declares by deriving from them, and callers
+    check with `isinstance`:
+      ContrastiveModel     ITC (unimodal text encoder, features, temperature)
+      MatchingModel        ITM (a match head on the fused rows)
+      MaskedLanguageModel  masked LM through the multimodal encoder (ALBEF)
+      CaptioningModel      next-token LM of the text given the image (BLIP's decoder, LLaVA)
+    A backbone registers itself with `hist_vlm.models.registry.register`.
     """
 
     #: registry name, stored as "backbone" in a saved folder's config.json (set by `register`)
     name: ClassVar[str]
-    #: the ITC temperature, learnable (every backbone owns one; ALBEF clamps it to [0.001, 0.5])
-    temp: nn.Parameter
 
     # ---------------------------------------------------------------- sizes callers read
     @property
@@ -109,31 +131,27 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
 
     @property
     @abc.abstractmethod
-    def embed_dim(self) -> int:
-        """E, the width of the ITC features."""
-
-    @property
-    @abc.abstractmethod
     def max_text_length(self) -> int:
         """The most tokens a text row may have (the position table), special tokens included."""
 
     @property
     @abc.abstractmethod
     def num_cross_attention_layers(self) -> int:
-        """Cross-attention (fusion) layers; `capture_layer` indexes them from 0."""
+        """Layers whose attention reads the image (cross-attention layers of a fusion encoder,
+        every layer of a decoder that reads image tokens); `capture_layer` indexes them from 0."""
 
     @property
     @abc.abstractmethod
     def num_cross_attention_heads(self) -> int:
-        """Heads of every cross-attention layer (a GradCAM map may use one head)."""
+        """Heads of every such layer (a GradCAM map may use one head)."""
 
     @property
     @abc.abstractmethod
     def default_capture_layers(self) -> tuple[int, ...]:
         """GradCAM layer(s) when none are configured, for training (and for evaluation when the
         backbone declares no evaluation map: `registry.register(eval_map=...)`). Each should
-        have layers above it where the ITM head reads one token (ALBEF, BLIP: at the last
-        cross-attention layer only [CLS] reaches the head, so the map ignores the text)."""
+        have layers above it where the score reads the text (ALBEF, BLIP: at the last
+        cross-attention layer only [CLS] reaches the ITM head, so the map ignores the text)."""
 
     # ---------------------------------------------------------------- towers
     @abc.abstractmethod
@@ -143,21 +161,7 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def encode_image(self, pixel_values: Tensor) -> Tensor:
-        """[B, 3, H, W] -> image token embeddings [B, 1+P, Dv] (CLS first)."""
-
-    @abc.abstractmethod
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Unimodal text encoder: [N, T] -> [N, T, D]."""
-
-    @abc.abstractmethod
-    def image_features(self, image_embeds: Tensor) -> Tensor:
-        """ITC image features, L2-normalised: [B, 1+P, Dv] -> [B, E], or [B, K, E] for a
-        backbone that scores an image by the best of K vectors (BLIP-2's query tokens; the
-        losses and retrieval compare features with `hist_vlm.losses.itc.similarity`)."""
-
-    @abc.abstractmethod
-    def text_features(self, text_embeds: Tensor) -> Tensor:
-        """ITC text features, L2-normalised: [N, T, D] -> [N, E]."""
+        """[B, 3, H, W] -> image token embeddings [B, K, Dv] (ALBEF, BLIP: K = 1+P, CLS first)."""
 
     @abc.abstractmethod
     def fuse_rows(
@@ -171,18 +175,19 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         """Image-grounded text encoding of the rows against image_embeds[rows.image_index]:
         the entry point of ITM, GradCAM and retrieval re-ranking.
 
-        image_embeds [B, 1+P, Dv]; `text_embeds` [N, T, D] is `encode_text`'s output for the
+        image_embeds [B, K, Dv]; `text_embeds` [N, T, D] is `encode_text`'s output for the
         rows when the caller has it (ALBEF's fusion layers continue the text layers and reuse
         it; a backbone whose fusion re-reads the tokens, BLIP, ignores it). With
-        `capture_layer` (0-based among cross-attention layers) the softmax probabilities of
-        that layer are returned in the graph, for GradCAM; a sequence of distinct layers
-        captures each of them in `cross_attentions` (`cross_attention` is None). Their token
-        axis is the rows' text unless `capture_mask` names other tokens (FusionOutput).
+        `capture_layer` (0-based among `num_cross_attention_layers`) the softmax probabilities
+        of that layer are returned in the graph, for GradCAM; a sequence of distinct layers
+        captures each of them in `cross_attentions` (`cross_attention` is None). Where the map
+        lives in them: `capture_block` and `capture_mask` (FusionOutput).
         """
 
     @abc.abstractmethod
-    def itm_logits(self, fused: FusionOutput) -> Tensor:
-        """[N, 2] logits, column 1 = match."""
+    def grounding_score(self, fused: FusionOutput) -> Tensor:
+        """[N] the per-row score GradCAM differentiates, G = ReLU(A * d score / dA): the ITM
+        match logit of an encoder (the paper), the text's log-likelihood of a decoder."""
 
     # ---------------------------------------------------------------- momentum (optional)
     def momentum_twin(self) -> MomentumTwin | None:
@@ -229,8 +234,48 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
         if payload.get("backbone") != cls.name:
             raise ValueError(f"{config_path} describes backbone {payload.get('backbone')!r}, not {cls.name!r}")
         model = built_from(config_path, lambda: cls.from_config(dict(payload.get("config") or {}), root=directory))
-        load_weights(model, weights_path)
+        model.load_saved_weights(directory)
         return model.eval()
+
+    def load_saved_weights(self, directory: str | Path) -> None:
+        """The weights `save_pretrained` wrote to `directory`, into this model in place: every
+        key (strict), or a one-line ValueError naming the file. A backbone that saves only part
+        of its weights (LLaVA's LoRA adapters) loads that part."""
+        load_weights(self, Path(directory) / WEIGHTS_FILE)
+
+
+class ContrastiveModel(abc.ABC):
+    """Optional capability (ALBEF, BLIP, BLIP-2): image-text contrastive learning (ITC)."""
+
+    #: the ITC temperature, learnable (ALBEF clamps it to [0.001, 0.5])
+    temp: nn.Parameter
+
+    @property
+    @abc.abstractmethod
+    def embed_dim(self) -> int:
+        """E, the width of the ITC features."""
+
+    @abc.abstractmethod
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Unimodal text encoder: [N, T] -> [N, T, D]."""
+
+    @abc.abstractmethod
+    def image_features(self, image_embeds: Tensor) -> Tensor:
+        """ITC image features, L2-normalised: [B, 1+P, Dv] -> [B, E], or [B, K, E] for a
+        backbone that scores an image by the best of K vectors (BLIP-2's query tokens; the
+        losses and retrieval compare features with `hist_vlm.losses.itc.similarity`)."""
+
+    @abc.abstractmethod
+    def text_features(self, text_embeds: Tensor) -> Tensor:
+        """ITC text features, L2-normalised: [N, T, D] -> [N, E]."""
+
+
+class MatchingModel(abc.ABC):
+    """Optional capability (ALBEF, BLIP, BLIP-2): an image-text matching (ITM) head."""
+
+    @abc.abstractmethod
+    def itm_logits(self, fused: FusionOutput) -> Tensor:
+        """[N, 2] logits of `fuse_rows`' output, column 1 = match."""
 
 
 @dataclass(frozen=True)
@@ -262,8 +307,13 @@ class MaskedLanguageModel(abc.ABC):
 
 
 class CaptioningModel(abc.ABC):
-    """Optional capability (BLIP with its text decoder): image-conditioned language modelling."""
+    """Optional capability (BLIP with its text decoder, LLaVA): image-conditioned language modelling."""
 
     @abc.abstractmethod
     def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
         """Next-token cross-entropy of the rows' texts given their images: a scalar."""
+
+    @abc.abstractmethod
+    def text_log_likelihood(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
+        """[N] each row's mean per-token log-likelihood of its text given image_embeds[rows.image_index]
+        (the score the likelihood-ranking term compares across images)."""

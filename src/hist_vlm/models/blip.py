@@ -48,8 +48,11 @@ from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import (
     CaptioningModel,
+    ContrastiveModel,
     FusionOutput,
+    MatchingModel,
     VisionLanguageBackbone,
+    mean_log_likelihood,
     captured_output,
     capture_layers,
 )
@@ -159,7 +162,7 @@ def check_decoder(retrieval: BlipForImageTextRetrieval, decoder: BlipTextLMHeadM
                            _is_transformers_blip, _load_transformers),),
     eval_map=EvalMap(layers=PAPER_EVAL_LAYERS, head=PAPER_EVAL_HEAD, combine="mean"),
 )
-class BlipBackbone(VisionLanguageBackbone):
+class BlipBackbone(VisionLanguageBackbone, ContrastiveModel, MatchingModel):
     """BLIP ITC/ITM implementing the protocol; with a captioning decoder it is a `BlipCaptioner`."""
 
     def __new__(cls, retrieval=None, tokenizer=None, decoder=None, **kwargs):
@@ -371,6 +374,9 @@ class BlipBackbone(VisionLanguageBackbone):
     def itm_logits(self, fused: FusionOutput) -> Tensor:
         return self.retrieval.itm_head(fused.last_hidden_state[:, 0])  # [N, 2]
 
+    def grounding_score(self, fused: FusionOutput) -> Tensor:
+        return self.itm_logits(fused)[:, 1]  # [N] the match logit (the paper's GradCAM score)
+
 
 
 def _check_architecture(path: Path, expected: str, role: str) -> None:
@@ -398,10 +404,15 @@ class BlipCaptioner(BlipBackbone, CaptioningModel):
     Built with `with_decoder: true`, or loaded from a retrieval folder with `decoder_path`
     (`model.params.decoder`); `save_pretrained` stores the decoder, `from_pretrained` restores it."""
 
-    def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
-        """[CLS] replaced by [DEC], next-token CE over real tokens."""
+    def _decoder_ids(self, rows: TextRows) -> Tensor:
+        """[N, T] the rows' ids with [CLS] replaced by [DEC] (BLIP's decoder prompt)."""
         ids = rows.input_ids.clone()
         ids[:, 0] = self.decoder.config.bos_token_id
+        return ids
+
+    def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
+        """Next-token CE over real tokens, with BLIP's label smoothing (transformers' own loss)."""
+        ids = self._decoder_ids(rows)
         labels = ids.masked_fill(rows.attention_mask == 0, -100)
         out = self.decoder(
             input_ids=ids,
@@ -410,3 +421,10 @@ class BlipCaptioner(BlipBackbone, CaptioningModel):
             labels=labels,
         )
         return out.loss
+
+    def text_log_likelihood(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
+        """[N] mean log p of each row's tokens after [DEC] (no label smoothing)."""
+        ids = self._decoder_ids(rows)
+        logits = self.decoder(input_ids=ids, attention_mask=rows.attention_mask,
+                              encoder_hidden_states=image_embeds[rows.image_index]).logits  # [N, T, V]
+        return mean_log_likelihood(logits[:, :-1], ids[:, 1:], rows.attention_mask[:, 1:])

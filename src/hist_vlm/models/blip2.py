@@ -63,7 +63,8 @@ from transformers import (
 )
 
 from hist_vlm.batch import TextRows
-from hist_vlm.models.base import FusionOutput, VisionLanguageBackbone, captured_output, capture_layers
+from hist_vlm.models.base import (ContrastiveModel, FusionOutput, MatchingModel, VisionLanguageBackbone, captured_output,
+                                  capture_layers)
 from hist_vlm.models.layout import CONFIG_FILE
 from hist_vlm.models.registry import EvalMap, ForeignFormat, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
@@ -157,7 +158,7 @@ def _capturing_forward(module: nn.Module, store: list[Tensor]):
     # the paper has no BLIP-2 map: evaluate where it trains (the middle cross-attention layer), head mean
     eval_map=lambda model: EvalMap(model.default_capture_layers),
 )
-class Blip2Backbone(VisionLanguageBackbone):
+class Blip2Backbone(VisionLanguageBackbone, ContrastiveModel, MatchingModel):
     """BLIP-2 Q-Former ITC/ITM implementing the protocol (module docstring)."""
 
     def __init__(
@@ -348,3 +349,6 @@ class Blip2Backbone(VisionLanguageBackbone):
         head = self.retrieval.itm_head
         queries = fused.last_hidden_state[:, : self.num_query_tokens]
         return head(queries.to(head.weight.dtype)).mean(1)  # [N, 2], mean over the queries
+
+    def grounding_score(self, fused: FusionOutput) -> Tensor:
+        return self.itm_logits(fused)[:, 1]  # [N] the match logit

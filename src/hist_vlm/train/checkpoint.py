@@ -37,6 +37,7 @@ from safetensors.torch import load_file, load_model, save_file
 from torch import nn
 
 from hist_vlm._io import atomic_dir, remove_stale_temps
+from hist_vlm.models.base import VisionLanguageBackbone
 from hist_vlm.train.config import ConfigError
 from hist_vlm.train.errors import NonFiniteError, TrainingError
 
@@ -299,9 +300,14 @@ def apply_checkpoint(
     """Put the states `read_checkpoint` read into the modules, optimizer and schedule."""
     path = saved.path
     try:
-        load_model(model, str(path / "model" / _WEIGHTS), strict=True)
+        if isinstance(model, VisionLanguageBackbone):  # it knows what it saved (LoRA: the adapters only)
+            model.load_saved_weights(path / "model")
+        else:
+            load_model(model, str(path / "model" / _WEIGHTS), strict=True)
     except SafetensorError as e:   # damaged after it was checked (the tensor bytes themselves)
         raise DamagedCheckpoint(f"{path / 'model' / _WEIGHTS} cannot be read ({_first_line(e)})") from None
+    except ValueError as e:        # the backbone's own reader: the same, as its one line
+        raise DamagedCheckpoint(str(e)) from None
     expected = _loss_state(objective, model).keys()
     loss_state = _renamed(saved.loss, expected)
     if set(loss_state) != set(expected):

@@ -45,9 +45,9 @@ class HistTask:
 
     def objective(self, model) -> torch.nn.Module:
         """`HistLoss`; a `loss.*` setting the model cannot honour (a capture layer or head it does
-        not have, a language term it cannot compute) is a ConfigError here, before any step."""
+        not have, an objective or language term it cannot compute) is a ConfigError here, before any step."""
         try:
-            lm_weight = check_backbone(self.cfg.loss, model)
+            _, lm_weight = check_backbone(self.cfg.loss, model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.cfg.loss.mlm_weight is None and lm_weight == 0 and self.env.is_main:
