@@ -77,13 +77,20 @@ def shard_batch(batch: HistBatch, rank: int, world: int) -> HistBatch:
     )
 
 
-#: the DDP test's build settings: BLIP without its LM decoder (transformers averages the LM
-#: loss per rank, so two half batches are not one whole batch)
-DDP_OVERRIDES = {"blip": {"with_decoder": False}}
-
-
 def build(name: str, dtype=torch.float32):
-    return tiny_backbone(name, dtype=dtype, **DDP_OVERRIDES.get(name, {}))
+    return tiny_backbone(name, dtype=dtype)
+
+
+def float64_rms_norm(monkeypatch) -> None:
+    """transformers' Llama RMSNorm rounds to float32 even in a float64 model (half-precision
+    stability), so finite differences on a float64 LLaVA would measure float32 noise: the same
+    norm in the input dtype, for the test's duration."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, hidden):
+        return self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
 
 
 def pairs_only_on(batch: HistBatch, images: list[int]) -> HistBatch:

@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process_on_the_full_batch(tmp_path):
-    names = list(BACKBONES)  # each as losses_fixtures.build makes it (DDP_OVERRIDES)
+    names = list(BACKBONES)  # each as losses_fixtures.build makes it
     config = HistLossConfig(schedule="constant", capture_layers=(1,), queue_size=16, seed=3)
     mp.spawn(run, args=(2, _free_port(), names, config, str(tmp_path)), nprocs=2, join=True)
     config.itm_group_size = 2  # the reference draws ITM negatives from each rank's images

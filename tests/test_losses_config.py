@@ -188,6 +188,11 @@ def test_objectives_choose_what_each_level_sums():
         check_backbone(HistLossConfig(objectives=("itc",), mlm_weight=1.0), captioner)
     with pytest.raises(ValueError, match="objectives must be distinct names"):
         HistLossConfig(objectives=("itc", "itx"))
+    with pytest.raises(ValueError, match=r"^loss\.objectives \['mlm'\] with loss\.mlm_weight=0 leave nothing"):
+        check_backbone(HistLossConfig(objectives=("mlm",), mlm_weight=0.0), captioner)
+    lm_only = HistLoss(HistLossConfig(schedule="constant", capture_layers=(1,), objectives=("mlm",)), captioner)
+    out = lm_only(captioner, hist_batch(captioner), 0.5)  # the subject level has no LM part: it computes nothing
+    assert {"mlm", "phrase_mlm", "add"} <= set(out) and not any(k.startswith("subject_") for k in out)
     batch = hist_batch(captioner)
     out = HistLoss(HistLossConfig(schedule="constant", capture_layers=(1,), objectives=("itc", "rank")),
                    captioner)(captioner, batch, 0.5)

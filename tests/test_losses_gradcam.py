@@ -4,7 +4,7 @@ import torch
 
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.batch import TextRows, cat_rows
-from losses_fixtures import BACKBONES, tiny_backbone, tiny_blip
+from losses_fixtures import BACKBONES, float64_rms_norm, tiny_backbone, tiny_blip
 
 LAYER = 1  # a cross-attention layer of every tiny backbone
 TEXTS = ["a man", "a man riding a brown horse on the beach", "two cats and a dog"]
@@ -63,10 +63,11 @@ def test_head_and_layer_combinations():
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_second_order_gradient_matches_finite_differences(name):
+def test_second_order_gradient_matches_finite_differences(name, monkeypatch):
     """d/dw of a scalar of the maps, for the first and the last parameter that get gradient:
-    the image encoder's (below the captured layer) and the ITM head's (above it: only
-    create_graph=True carries gradient there)."""
+    the image encoder's (below the captured layer; LLaVA's projector, its vision tower being
+    frozen) and the score head's (above it: only create_graph=True carries gradient there)."""
+    float64_rms_norm(monkeypatch)  # every op in float64 (LLaVA's decoder norms)
     model, layer, _ = _setup(name, dtype=torch.float64)
     s = model.image_size
     px = torch.randn(2, 3, s, s, dtype=torch.float64)

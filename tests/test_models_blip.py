@@ -73,3 +73,19 @@ def test_lm_loss_reaches_decoder_and_vision():
     assert model.decoder.bert.encoder.layer[0].crossattention.self.key.weight.grad.abs().sum() > 0
     assert model.retrieval.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     assert isinstance(model, CaptioningModel) and not isinstance(tiny_blip(decoder=False), CaptioningModel)
+
+
+def test_lm_loss_is_the_decoders_own_loss_label_smoothing_included():
+    """The per-token LM losses reduce to transformers' own decoder loss (labels = the real tokens)."""
+    model = tiny_blip().eval()
+    model.decoder.label_smoothing = 0.1  # BLIP pretraining's value; the released configs say 0
+    ids, mask = model.tokenize(["a dog catching a red frisbee", "two cats"])
+    rows = TextRows(ids, mask, torch.tensor([1, 0]))
+    img = model.encode_image(torch.randn(2, 3, model.image_size, model.image_size))
+    dec = ids.clone()
+    dec[:, 0] = model.decoder.config.bos_token_id
+    own = model.decoder(input_ids=dec, attention_mask=mask, encoder_hidden_states=img[rows.image_index],
+                        labels=dec.masked_fill(mask == 0, -100)).loss
+    torch.testing.assert_close(model.lm_loss(rows, img), own)
+    losses, scored = model.lm_token_losses(rows, img)
+    assert losses.shape == scored.shape == (2, ids.shape[1] - 1) and torch.equal(scored, mask[:, 1:])

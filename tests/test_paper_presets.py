@@ -26,6 +26,9 @@ PRESETS = {
     # BLIP-2: no ITG head in transformers (docs/blip2.md); the middle of 6 cross-attention layers
     "blip2_coco": ({**BLIP_LOSS, "capture_layers": (3,), "mlm_weight": 0.0}, 10.0, 1e-5, 0.05, 25, 224),
     # ALBEF's retrieval fine-tuning: ITC + ITM only, no HIST (docs/retrieval.md)
+    # LLaVA: no ITC/ITM, LM + likelihood ranking, LLaVA-1.5's LoRA rate (docs/llava.md)
+    "llava_coco": ({**BLIP_LOSS, "capture_layers": None, "add_normalize": "minmax", "objectives": ("mlm", "rank")},
+                   10.0, 2e-4, 0.0, 10, 336),
     "albef_retrieval_coco": ({**ALBEF_LOSS, "schedule": "off", "capture_layers": None, "mlm_weight": 0.0},
                              2.0, 1e-5, 0.02, 25, 384),
     "albef_retrieval_flickr": ({**ALBEF_LOSS, "schedule": "off", "capture_layers": None, "mlm_weight": 0.0},

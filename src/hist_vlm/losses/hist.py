@@ -106,7 +106,7 @@ class HistLossConfig:
     #: the vision-language objectives of every level (module doc); None = the backbone's own
     objectives: tuple[str, ...] | None = None
     itm_hard_negatives: bool = True       # False: uniform over the non-positives
-    itm_group_size: int | None = None      # negatives among groups of this many images (None: local batch)
+    itm_group_size: int | None = None      # ITM and rank negatives among groups of this many images (None: local batch)
     paper_ramp_epochs: float = 2.0         # the paper schedule's w(t) reaches 0 after this many epochs (> 0)
     seed: int = 0                          # shared by all ranks: negatives and masks
 
@@ -201,6 +201,8 @@ def check_backbone(config: HistLossConfig, model: VisionLanguageBackbone) -> tup
         lm_weight = 1.0 if "mlm" in chosen else 0.0
     else:
         lm_weight = config.mlm_weight
+    if not chosen - ({"mlm"} if lm_weight == 0 else set()):
+        raise ValueError(f"loss.objectives {sorted(chosen)} with loss.mlm_weight=0 leave nothing to train")
     return tuple(x for x in OBJECTIVES if x in chosen), lm_weight
 
 
@@ -232,7 +234,8 @@ class HistLoss(nn.Module):
         self.itc = ItcLoss(model.embed_dim, queue_size) if "itc" in self.objectives else None
         #: the vision-language terms, in the order they run (and draw)
         self.vl_terms = {"itc": Itc(self.itc), "itm": Itm(cfg.itm_hard_negatives, cfg.itm_group_size),
-                         "mlm": Lm(cfg.mlm_probability, cfg.mlm_subject_probability, subject_ids), "rank": Rank()}
+                         "mlm": Lm(cfg.mlm_probability, cfg.mlm_subject_probability, subject_ids),
+                         "rank": Rank(cfg.itm_group_size)}
         self.vl = CaptionTerm(self.objectives, lm_weight)
         layers = tuple(int(x) for x in (cfg.capture_layers or model.default_capture_layers))
         self.terms: list[tuple[str, float, TextTerm | AdditionTerm]] = [
@@ -240,6 +243,8 @@ class HistLoss(nn.Module):
             ("subject", cfg.lambda_subject, SubjectTerm(self.objectives)),
             ("add", cfg.lambda_add, AdditionTerm(layers, cfg.capture_head, cfg.capture_combine, cfg.add_normalize)),
         ]
+        # a level none of whose parts is an objective (the subject level of an LM-only objective) computes nothing
+        self.terms = [entry for entry in self.terms if not isinstance(entry[2], TextTerm) or entry[2].parts_on]
         self._gen: torch.Generator | None = None
 
     def _uniform(self, *shape: int, device: torch.device) -> Tensor:

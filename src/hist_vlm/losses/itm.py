@@ -49,6 +49,15 @@ def hard_negatives(
         return sample_rows(w_t2i, u_text), sample_rows(w_i2t, u_image)
 
 
+def outside_group(image_index: Tensor, n_images: int, group_size: int | None) -> Tensor:
+    """[N, B] True where image b is not in the group of `group_size` consecutive images that
+    row n's image belongs to (no such image with `group_size` None: the whole local batch)."""
+    images = torch.arange(n_images, device=image_index.device)
+    if group_size is None:
+        return torch.zeros(len(image_index), n_images, dtype=torch.bool, device=image_index.device)
+    return image_index.unsqueeze(1) // group_size != (images // group_size).unsqueeze(0)
+
+
 @dataclass
 class ItmBlock:
     """The fusion rows of one ITM term: N positives, N (text, negative image), B (negative text, image)."""
@@ -81,9 +90,7 @@ def itm_block(
     arange_b = torch.arange(b, device=image_embeds.device)
     row_ids = image_ids[rows.image_index]
     pos, _ = positive_masks(row_ids, keys, image_ids, row_ids, keys, image_ids)  # [N, B]
-    excluded = pos
-    if group_size is not None:
-        excluded = pos | (rows.image_index.unsqueeze(1) // group_size != (arange_b // group_size).unsqueeze(0))
+    excluded = pos | outside_group(rows.image_index, b, group_size)
     neg_img, neg_txt = hard_negatives(text_feat, image_feat, temp, excluded, u_text, u_image, hard=hard)
     all_rows = cat_rows(
         rows,

@@ -34,7 +34,7 @@ from hist_vlm.batch import HistBatch, TextRows, cat_rows
 from hist_vlm.losses.distributed import global_mean
 from hist_vlm.losses.gradcam import gradcam_maps, minmax_maps
 from hist_vlm.losses.itc import ItcLoss, text_keys
-from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses, sample_rows, with_negative_texts
+from hist_vlm.losses.itm import ItmBlock, itm_block, itm_losses, outside_group, sample_rows, with_negative_texts
 from hist_vlm.losses.mlm import mask_tokens, mlm_loss
 from hist_vlm.models.base import (CaptioningModel, ContrastiveModel, MaskedLanguageModel, MomentumTwin,
                                   VisionLanguageBackbone)
@@ -148,8 +148,9 @@ class Lm:
     def __call__(self, step: Step, kinds: list[str]) -> list[Tensor]:
         model, rows_of = step.model, [step.texts[k].rows for k in kinds]
         if not isinstance(model, MaskedLanguageModel):
-            if isinstance(model, CaptioningModel):
-                return [model.lm_loss(rows, step.image_embeds) for rows in rows_of]
+            if isinstance(model, CaptioningModel):  # the token mean over every rank's tokens
+                return [global_mean(*(x.flatten() for x in model.lm_token_losses(rows, step.image_embeds)))
+                        for rows in rows_of]
             raise RuntimeError(f"the {model.name} backbone has no language head (neither a MaskedLanguageModel "
                                "nor a CaptioningModel): the MLM/LM term cannot be computed")
         tok = model.mask_tokens
@@ -182,19 +183,22 @@ class Rank:
     row's text should be likelier given its own image than given another image of the batch,
     softplus(s(T | I-) - s(T | I)) = -log sigmoid(s+ - s-), with s the mean per-token
     log-likelihood (`CaptioningModel.text_log_likelihood`) and I- drawn uniformly among the
-    local images with another image id. Every kind's negatives are drawn first (the draw order),
-    then each kind's rows with both images run as one pass."""
+    local images with another image id (within groups of `group_size` images, as ITM's
+    negatives). Every kind's negatives are drawn first (the draw order), then each kind's rows
+    with both images run as one pass."""
+
+    def __init__(self, group_size: int | None = None) -> None:
+        self.group_size = group_size
 
     def __call__(self, step: Step, kinds: list[str]) -> list[Tensor]:
         model, ids = step.model, step.batch.image_ids
         if not isinstance(model, CaptioningModel):
             raise RuntimeError(f"the {model.name} backbone is not a CaptioningModel: the rank term cannot be computed")
         rows_of = [step.texts[k].rows for k in kinds]
-        negatives = [
-            sample_rows((ids[r.image_index, None] != ids[None, :]).float(),  # [N, B] 1 = another image
-                        step.uniform(len(r), device=step.image_embeds.device))
-            for r in rows_of
-        ]
+        negatives = []
+        for r in rows_of:
+            other = (ids[r.image_index, None] != ids[None, :]) & ~outside_group(r.image_index, len(ids), self.group_size)
+            negatives.append(sample_rows(other.float(), step.uniform(len(r), device=step.image_embeds.device)))
         losses = []
         for rows, negative in zip(rows_of, negatives):
             both = cat_rows(rows, TextRows(rows.input_ids, rows.attention_mask, negative))

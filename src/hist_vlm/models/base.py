@@ -310,8 +310,16 @@ class CaptioningModel(abc.ABC):
     """Optional capability (BLIP with its text decoder, LLaVA): image-conditioned language modelling."""
 
     @abc.abstractmethod
+    def lm_token_losses(self, rows: TextRows, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """(the next-token loss of each text token given its image and the tokens before it,
+        [N, T'], in the model's own LM loss (BLIP: with its label smoothing); [N, T'] 1 = a token
+        the loss scores). Per token, so that many processes average over the global batch's tokens."""
+
     def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
-        """Next-token cross-entropy of the rows' texts given their images: a scalar."""
+        """The rows' LM loss, the mean over their scored tokens (transformers' reduction): a scalar."""
+        losses, scored = self.lm_token_losses(rows, image_embeds)
+        scored = scored.to(losses.dtype)
+        return (losses * scored).sum() / scored.sum().clamp(min=1.0)
 
     @abc.abstractmethod
     def text_log_likelihood(self, rows: TextRows, image_embeds: Tensor) -> Tensor:

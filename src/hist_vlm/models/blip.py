@@ -410,21 +410,22 @@ class BlipCaptioner(BlipBackbone, CaptioningModel):
         ids[:, 0] = self.decoder.config.bos_token_id
         return ids
 
-    def lm_loss(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
-        """Next-token CE over real tokens, with BLIP's label smoothing (transformers' own loss)."""
-        ids = self._decoder_ids(rows)
-        labels = ids.masked_fill(rows.attention_mask == 0, -100)
-        out = self.decoder(
-            input_ids=ids,
-            attention_mask=rows.attention_mask,
-            encoder_hidden_states=image_embeds[rows.image_index],
-            labels=labels,
-        )
-        return out.loss
-
-    def text_log_likelihood(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
-        """[N] mean log p of each row's tokens after [DEC] (no label smoothing)."""
+    def _decoder_logits(self, rows: TextRows, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """(the decoder's ids [N, T], the logits that predict tokens 1.. [N, T-1, V])."""
         ids = self._decoder_ids(rows)
         logits = self.decoder(input_ids=ids, attention_mask=rows.attention_mask,
                               encoder_hidden_states=image_embeds[rows.image_index]).logits  # [N, T, V]
-        return mean_log_likelihood(logits[:, :-1], ids[:, 1:], rows.attention_mask[:, 1:])
+        return ids, logits[:, :-1]
+
+    def lm_token_losses(self, rows: TextRows, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """Next-token CE of the tokens after [DEC] with the decoder's label smoothing, as
+        transformers' own decoder loss: ([N, T-1], [N, T-1] the real tokens)."""
+        ids, logits = self._decoder_logits(rows, image_embeds)
+        losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none",
+                                 label_smoothing=self.decoder.label_smoothing)
+        return losses, rows.attention_mask[:, 1:]
+
+    def text_log_likelihood(self, rows: TextRows, image_embeds: Tensor) -> Tensor:
+        """[N] mean log p of each row's tokens after [DEC] (no label smoothing)."""
+        ids, logits = self._decoder_logits(rows, image_embeds)
+        return mean_log_likelihood(logits, ids[:, 1:], rows.attention_mask[:, 1:])
