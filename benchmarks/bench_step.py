@@ -1,8 +1,11 @@
-"""One training step (forward, backward, AdamW) with the baseline losses (ITC+ITM+MLM on
-captions, `schedule=off`) and with the full HIST loss, on the same images, side by side.
+"""One training step (forward, backward, AdamW) with the baseline losses (the backbone's own
+objectives on captions, `schedule=off`: ITC+ITM+MLM for ALBEF, LM+rank for LLaVA) and with the
+full HIST loss, on the same images, side by side.
 
     python benchmarks/bench_step.py                          # tiny ALBEF on CPU
     python benchmarks/bench_step.py --size base --device cuda  # ViT-B/16 256px + BERT-base, bf16
+    python benchmarks/bench_step.py --backbone llava --size base --batch 8 --device cuda
+                                     # CLIP ViT-L/14 336px + a 1.1B Llama (TinyLLaVA's scale)
 
 Peak memory: CUDA `max_memory_allocated` on GPU; on CPU the peak resident set size (VmHWM,
 reset through /proc/self/clear_refs before each run) minus the RSS at the start of the run.
@@ -35,9 +38,14 @@ class Size:
 SIZES = {"tiny": Size(batch=8, queue=256), "base": Size(batch=56, queue=65536)}
 
 
+#: backbones whose base size keeps its own resolution (LLaVA: 336 px, patch 14)
+NATIVE_RESOLUTION = {"llava"}
+
+
 def build_model(size: str, backbone: str):
     """The registry's named size (base at 256 px, the paper's ALBEF training resolution)."""
-    return build_sized(backbone, size, **({"image_size": 256} if size == "base" else {}))
+    at_256 = size == "base" and backbone not in NATIVE_RESOLUTION
+    return build_sized(backbone, size, **({"image_size": 256} if at_256 else {}))
 
 
 def synthetic_batch(model, n: int, image_size: int, device) -> HistBatch:
@@ -123,7 +131,7 @@ def main() -> None:
     model = build_model(args.size, args.backbone).to(device).train()
     batch = synthetic_batch(model, n, model.image_size, device)
     steppers = {}
-    for name, schedule in (("baseline (ITC+ITM+MLM)", "off"), ("HIST (full)", "constant")):
+    for name, schedule in (("baseline (L_vl)", "off"), ("HIST (full)", "constant")):
         cfg = HistLossConfig(schedule=schedule, queue_size=size.queue)  # the backbone's default GradCAM layer
         steppers[name] = Stepper(model, HistLoss(cfg, model).to(device), batch, args, device)
         for _ in range(args.warmup):

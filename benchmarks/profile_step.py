@@ -1,4 +1,4 @@
-"""Where the time and memory of one HIST training step go (issue 12), next to the baseline step.
+"""Where the time and memory of one HIST training step go, next to the baseline step.
 
     python benchmarks/profile_step.py --size base --batch 4          # ALBEF-base on CPU
     python benchmarks/profile_step.py --size base --device cuda      # batch 56, bf16

@@ -24,7 +24,7 @@ def model():
 
 
 def close(ours, theirs):
-    """The issue's bar: 1e-5 absolute, on outputs large enough for that to mean something."""
+    """The bar: 1e-5 absolute, on outputs large enough for that to mean something."""
     assert theirs.abs().max() > 1e-2
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 

@@ -76,15 +76,27 @@ def llava_tokenizer() -> BertTokenizerFast:
     return tok
 
 
-def llava_config(tokenizer: PreTrainedTokenizerBase, *, image_size: int | None = None) -> LlavaConfig:
-    """The tiny random-init config (tests, CPU): CLIP vision (width 32, 2 layers, 32 px, patch 8:
-    a 4x4 grid), Llama LM (width 32, 4 layers, 4 query heads sharing 2 key/value heads, so GQA's
-    repeat_kv runs), LLaVA-1.5's feature choice (second-to-last vision layer, CLS dropped)."""
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=image_size or 32, patch_size=8)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
-                       attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id)
+def llava_config(tokenizer: PreTrainedTokenizerBase, size: str = "tiny", *, image_size: int | None = None) -> LlavaConfig:
+    """Random-init configs, LLaVA-1.5's feature choice (second-to-last vision layer, CLS dropped):
+    `tiny` (tests, CPU): CLIP vision (width 32, 2 layers, 32 px, patch 8: a 4x4 grid), Llama LM
+    (width 32, 4 layers, 4 query heads sharing 2 key/value heads, so GQA's repeat_kv runs);
+    `base` (benchmarks): TinyLLaVA's scale, CLIP ViT-L/14 at 336 px (24x24 patches) and a
+    TinyLlama-1.1B-shaped decoder (22 layers, width 2048, 32 query heads on 4 key/value heads)."""
+    if size == "tiny":
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=image_size or 32, patch_size=8)
+        text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                           attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id)
+    elif size == "base":
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=image_size or 336, patch_size=14,
+                                  projection_dim=768)
+        text = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                           pad_token_id=tokenizer.pad_token_id)
+    else:
+        raise ValueError(f"unknown LLaVA size {size!r} (choose tiny or base, or load a checkpoint)")
     patches = (vision.image_size // vision.patch_size) ** 2
     return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=patches,
@@ -160,7 +172,7 @@ def _load_transformers(path: Path, params: dict, image_size: int | None, verbose
 
 @register(
     "llava",
-    sizes={"tiny": {"size": "tiny"}},
+    sizes={"tiny": {"size": "tiny"}, "base": {"size": "base"}},
     foreign=(ForeignFormat("a transformers LlavaForConditionalGeneration folder",
                            lambda path: transformers_model_type(path) == "llava", _load_transformers),),
     eval_map=lambda model: EvalMap(model.default_capture_layers),
@@ -261,7 +273,7 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, config: dict[str, Any], *, root: Path | None = None) -> "LlavaBackbone":
-        """A model from a build config: `size` ("tiny", random init) or `transformers` (a
+        """A model from a build config: `size` ("tiny" | "base", random init) or `transformers` (a
         `LlavaConfig` dict, random init), with `tokenizer` (a folder relative to `root`; else the
         tiny one); or `base` (a folder whose weights to start from: a transformers folder or one
         of ours); `image_size` (checked, or the tiny size's), `prompt`, `lora`, `freeze_vision`."""
@@ -281,10 +293,9 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
                 else AutoTokenizer.from_pretrained(root / config["tokenizer"])
             if config.get("transformers") is not None:
                 llava = LlavaForConditionalGeneration(LlavaConfig.from_dict(copy.deepcopy(config["transformers"])))
-            elif config.get("size", "tiny") == "tiny":
-                llava = LlavaForConditionalGeneration(llava_config(tokenizer, image_size=size))
             else:
-                raise ValueError(f"unknown LLaVA size {config['size']!r} (choose tiny, or load a checkpoint)")
+                llava = LlavaForConditionalGeneration(llava_config(tokenizer, config.get("size", "tiny"),
+                                                                   image_size=size))
         if size is not None and size != llava.config.vision_config.image_size:
             raise ValueError(f"image_size={size} but the LLaVA model is for {llava.config.vision_config.image_size} px")
         return cls(llava, tokenizer, **settings)
