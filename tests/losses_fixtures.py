@@ -81,6 +81,24 @@ def build(name: str, dtype=torch.float32):
     return tiny_backbone(name, dtype=dtype)
 
 
+def check_against_finite_differences(f, param, grad, what: str = "", eps: float = 1e-6) -> None:
+    """The entry of `param` with the largest |`grad`| (d f()/d param, analytic): its central
+    finite difference of the scalar `f()` agrees to 1e-5 relative, and is not zero."""
+    import pytest
+
+    flat, k = param.view(-1), int(grad.abs().argmax())
+    with torch.no_grad():
+        orig = flat[k].item()
+        flat[k] = orig + eps
+        up = f().item()
+        flat[k] = orig - eps
+        down = f().item()
+        flat[k] = orig
+    fd = (up - down) / (2 * eps)
+    assert abs(fd) > 0, f"{what}: finite difference is zero: the test would prove nothing"
+    assert grad.view(-1)[k].item() == pytest.approx(fd, rel=1e-5, abs=1e-12), what
+
+
 def float64_rms_norm(monkeypatch) -> None:
     """transformers' Llama RMSNorm rounds to float32 even in a float64 model (half-precision
     stability), so finite differences on a float64 LLaVA would measure float32 noise: the same

@@ -4,7 +4,7 @@ import torch
 
 from hist_vlm.losses.gradcam import gradcam_maps
 from hist_vlm.batch import TextRows, cat_rows
-from losses_fixtures import BACKBONES, float64_rms_norm, tiny_backbone, tiny_blip
+from losses_fixtures import BACKBONES, check_against_finite_differences, float64_rms_norm, tiny_backbone, tiny_blip
 
 LAYER = 1  # a cross-attention layer of every tiny backbone
 TEXTS = ["a man", "a man riding a brown horse on the beach", "two cats and a dog"]
@@ -83,18 +83,7 @@ def test_second_order_gradient_matches_finite_differences(name, monkeypatch):
     reached = [(n, p, g) for (n, p), g in zip(named, grads) if g is not None and g.abs().sum() > 0]
     assert len(reached) > 2
     for n, param, g in (reached[0], reached[-1]):
-        flat, k = param.view(-1), int(g.abs().argmax())
-        eps = 1e-6
-        with torch.no_grad():
-            orig = flat[k].item()
-            flat[k] = orig + eps
-            up = f().item()
-            flat[k] = orig - eps
-            down = f().item()
-            flat[k] = orig
-        fd = (up - down) / (2 * eps)
-        assert abs(fd) > 0, f"{n}: finite difference is zero: the test would prove nothing"
-        assert g.view(-1)[k].item() == pytest.approx(fd, rel=1e-5, abs=1e-12), n
+        check_against_finite_differences(f, param, g, n)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
