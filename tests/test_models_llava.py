@@ -11,11 +11,11 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 
 from hist_vlm.batch import TextRows
-from hist_vlm.losses.gradcam import gradcam_maps
+from hist_vlm.losses.gradcam import gradcam_head_maps, gradcam_maps
 from hist_vlm.models import load_backbone
 from hist_vlm.models.base import CaptioningModel, ContrastiveModel, MatchingModel
 from hist_vlm.models.layout import WEIGHTS_FILE
-from hist_vlm.models.llava import _CAPTURING, LlavaBackbone, llava_config, llava_tokenizer
+from hist_vlm.models.llava import _CAPTURING, LlavaBackbone, _capturing_attention, llava_config, llava_tokenizer
 from losses_fixtures import check_against_finite_differences, float64_rms_norm, tiny_backbone
 
 TEXTS = ["a dog", "a man riding a red horse on the beach", "two cats"]
@@ -132,8 +132,9 @@ def test_batched_rows_equal_each_row_alone_and_image_index_gathers():
         alone = model.fuse_rows(TextRows(ids, mask, torch.tensor([0])), img[rows.image_index[i:i + 1]],
                                 capture_layer=1)  # its own image alone
         torch.testing.assert_close(fused.score[i:i + 1], alone.score)
-        n = model._text_start + ids.shape[1]  # the padded positions come after the row's own
-        torch.testing.assert_close(fused.cross_attention[i, :, :n, :n], alone.cross_attention[0])
+        t = ids.shape[1]  # the padded positions come after the row's own
+        torch.testing.assert_close(fused.cross_attention[i, :, :1 + t, :model._text_start + t],
+                                   alone.cross_attention[0])
     # the lm loss is the token mean over the whole batch, the likelihood each row's own mean
     per_row = model.text_log_likelihood(rows, img)
     torch.testing.assert_close(model.lm_loss(rows, img), -(per_row * rows.attention_mask.sum(1)).sum()
@@ -149,38 +150,107 @@ def test_capture_equals_the_plain_pass_and_hf_eager_attention():
     torch.testing.assert_close(fused.score, plain.score)
     assert fused.cross_attention is None and len(fused.cross_attentions) == 2
     n, t = rows.input_ids.shape
-    length = model._text_start + t
-    for probs in fused.cross_attentions:
-        assert probs.shape == (n, 4, length, length) and probs.requires_grad
-        torch.testing.assert_close(probs.sum(-1), torch.ones(n, 4, length))
-        assert (probs.triu(1) == 0).all()  # causal
+    t0 = model._text_start
+    length = t0 + t
+    for probs in fused.cross_attentions:  # the rows' own positions: the last prompt token, the text
+        assert probs.shape == (n, 4, 1 + t, length) and probs.requires_grad
+        torch.testing.assert_close(probs.sum(-1), torch.ones(n, 4, 1 + t))
+        assert (probs[..., ~torch.ones(1 + t, length, dtype=torch.bool).tril(t0 - 1)] == 0).all()  # causal
         padded = (rows.attention_mask == 0).nonzero()  # no position reads a padded token
-        assert (probs[padded[:, 0], :, :, model._text_start + padded[:, 1]] == 0).all()
+        assert (probs[padded[:, 0], :, :, t0 + padded[:, 1]] == 0).all()
         tokens, patches = fused.capture_block
         assert probs[..., tokens, patches].shape == (n, 4, t, 16)  # [N, heads, T, P]
     assert model.language_model.config._attn_implementation == "sdpa"  # restored after the pass
     assert not _CAPTURING
-    # the same probabilities as transformers' own eager attention (GQA, scaling, masks)
+    # the same probabilities as transformers' own eager attention (GQA, scaling, masks) in one
+    # pass over the whole sequence, at the rows' own positions
     model.llava.set_attn_implementation("eager")
     embed = model.language_model.get_input_embeddings()
     embeds = torch.cat([embed(model.prefix_ids).expand(n, -1, -1), img[rows.image_index],
                         embed(model.suffix_ids).expand(n, -1, -1), embed(rows.input_ids)], 1)
-    mask = torch.cat([torch.ones(n, model._text_start, dtype=torch.long), rows.attention_mask], 1)
+    mask = torch.cat([torch.ones(n, t0, dtype=torch.long), rows.attention_mask], 1)
     eager = model.language_model(inputs_embeds=embeds, attention_mask=mask, output_attentions=True).attentions
-    torch.testing.assert_close(fused.cross_attentions[0], eager[3])
-    torch.testing.assert_close(fused.cross_attentions[1], eager[0])
+    torch.testing.assert_close(fused.cross_attentions[0], eager[3][:, :, t0 - 1:])
+    torch.testing.assert_close(fused.cross_attentions[1], eager[0][:, :, t0 - 1:])
 
 
-def test_gradient_checkpointing_leaves_the_captured_layer_alone():
-    """A checkpointed layer's backward replays its forward: a captured one would replay SDPA,
-    not the eager graph it recorded. The capture runs it uncheckpointed, the others stay so."""
+def test_capturing_attention_aligns_a_short_query_to_the_last_keys():
+    """A row pass's Q queries continue the cached keys: query i reads keys 0 .. K-Q+i, whether
+    the mask is SDPA's boolean [N, 1, Q, K] or None (what transformers leaves for Q = 1)."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g) for n in (3, 7, 7))
+    allowed = torch.ones(3, 7, dtype=torch.bool).tril(7 - 3)  # [Q, K]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2)
+    for mask in (None, allowed.expand(2, 1, 3, 7)):
+        _CAPTURING[id(module)] = store = []
+        try:
+            out, probs = _capturing_attention(module, q, k, v, mask)
+        finally:
+            del _CAPTURING[id(module)]
+        torch.testing.assert_close(out, expected)
+        assert store[0] is probs and (probs[..., ~allowed] == 0).all() and (probs[..., allowed] > 0).all()
+
+
+def _full_pass(monkeypatch):
+    """From here on every row runs all L positions, as under gradient checkpointing."""
+    monkeypatch.setattr(LlavaBackbone, "_checkpointing", property(lambda self: True))
+
+
+def test_gradient_checkpointing_runs_the_full_pass_and_leaves_the_captured_layer_alone():
+    """transformers drops a checkpointed layer's cache: every row then runs all L positions,
+    with the shared pass's score, LM losses and maps. A checkpointed layer's backward replays
+    its forward: a captured one would replay SDPA, not the eager graph it recorded. The capture
+    runs it uncheckpointed, the others stay so."""
     model = tiny_backbone("llava")  # train mode: checkpointing is on only in training
     img, rows = _setup(model)
-    expected = gradcam_maps(model, img, rows, layers=(1, 2))
+
+    def outputs():
+        fused = model.fuse_rows(rows, img, capture_layer=1)
+        return (fused.cross_attention.shape, fused.score, model.lm_token_losses(rows, img)[0],
+                gradcam_maps(model, img, rows, layers=(1, 2)))
+
+    shape, *expected = outputs()
+    n, t = rows.input_ids.shape
+    assert shape == (n, 4, 1 + t, model._text_start + t)
     model.llava.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.language_model.layers)
-    torch.testing.assert_close(gradcam_maps(model, img, rows, layers=(1, 2)), expected)
+    shape, *got = outputs()
+    assert shape == (n, 4, model._text_start + t, model._text_start + t)
+    torch.testing.assert_close(got, expected)
     assert all(layer.gradient_checkpointing for layer in model.language_model.layers)
+
+
+def test_the_shared_pass_equals_the_full_pass(monkeypatch):
+    """The prompt but its last token run once per image and the rows read their keys/values:
+    the same as every row running all L positions, for the score, the LM losses, the maps of two
+    layers and the gradients (double backward included) of an addition-style loss plus the LM
+    loss; rows of 3 of 4 images in mixed order, of different lengths, in float64."""
+    float64_rms_norm(monkeypatch)
+    model = _tiny(dtype=torch.float64)
+    texts = ["a dog and two cats", "a man riding a red horse on the beach", "two cats", "a dog", "a dog",
+             "two cats"]
+    ids, mask = model.tokenize(texts)
+    rows = TextRows(ids, mask, torch.tensor([3, 0, 2, 0, 3, 3]))  # image 1 unused
+    px = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def outputs():
+        img = model.encode_image(px)  # through the projector, which trains
+        maps = gradcam_head_maps(model, img, rows, layers=(1, 2), create_graph=True)  # [N, 2, heads, 4, 4]
+        losses = model.lm_token_losses(rows, img)[0]
+        loss = (maps[0] - maps[4] - maps[5]).pow(2).sum() + model.lm_loss(rows, img)
+        return [model.fuse_rows(rows, img).score, losses, maps, *torch.autograd.grad(loss, list(trained.values()))]
+
+    shared = outputs()
+    _full_pass(monkeypatch)
+    full = outputs()
+    grads = dict(zip(trained, shared[3:]))
+    assert sum(bool(g.abs().sum() > 0) for g in grads.values()) > 0.9 * len(grads)
+    assert all(g.abs().sum() > 0 for name, g in grads.items() if "multi_modal_projector" in name)
+    for what, a, b in zip(["score", "lm losses", "maps"] + list(grads), shared, full):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
 
 def test_gradcam_is_the_text_rows_patch_columns_written_out():
@@ -194,14 +264,14 @@ def test_gradcam_is_the_text_rows_patch_columns_written_out():
     a = fused.cross_attention
     a.retain_grad()
     fused.score.sum().backward()
-    t0, t = model._text_start, rows.input_ids.shape[1]
-    block = (a * a.grad)[:, :, t0 - 1: t0 - 1 + t, 2: 18].clamp(min=0).mean(1)  # [N, T, P]; image at 2..17
+    t = rows.input_ids.shape[1]
+    block = (a * a.grad)[:, :, :t, 2: 18].clamp(min=0).mean(1)  # [N, T, P]; queries from t0-1, image at 2..17
     m = rows.attention_mask.float()[..., None]
     expected = ((block * m).sum(1) / m.sum(1)).reshape(3, 4, 4)
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-12)
     assert (got > 0).any()
     # the position after the last text token predicts nothing scored: no gradient reaches it
-    assert (a.grad[:, :, t0 - 1 + t:] == 0).all()
+    assert (a.grad[:, :, t:] == 0).all()
 
 
 def test_save_pretrained_and_transformers_folders_load(tmp_path):

@@ -29,7 +29,7 @@ class FusionOutput:
     [N, heads, S, 1+P] with S = the rows' text tokens (ALBEF, BLIP; masked by
     `rows.attention_mask`). A backbone whose image is read by other tokens names them with
     `capture_mask` (BLIP-2: its Q query tokens, all valid); one whose image tokens sit inside
-    a longer sequence (LLaVA: [N, heads, L, L] decoder self-attention) names the rows and the
+    a longer sequence (LLaVA: [N, heads, 1+T, L] decoder self-attention of its rows) names the rows and the
     P patch columns with `capture_block`. GradCAM differentiates the whole captured tensor and
     reads the block, so the gradient is the true one whatever else the tensor holds."""
 

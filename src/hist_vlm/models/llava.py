@@ -5,11 +5,13 @@ adapters on the LM. docs/llava.md has the long version and the reasons.
 What maps to what (K image tokens, P patches, T text tokens, L = the whole decoder sequence):
   encode_image      the projected image tokens the LM reads, [B, K, D] (K = P, or 1+P with
                     the "full" feature strategy): transformers' own `get_image_features`.
-  fuse_rows         one decoder pass over [prefix ; image ; suffix ; text], the prompt split at
-                    its `<image>`; `text_embeds` is ignored (the LM reads the token ids).
+  fuse_rows         the decoder over [prefix ; image ; suffix ; text], the prompt split at its
+                    `<image>`: all but the last prompt token once per image (a key/value cache),
+                    then each row's last prompt token and text; `text_embeds` is ignored.
   grounding_score   the text's summed log-likelihood given image and prompt (`FusionOutput.score`).
-  capture           the decoder self-attention [N, heads, L, L] of the captured layers; its
-                    `capture_block` is the T positions that predict the text x the P patch columns.
+  capture           the decoder self-attention of the row positions [N, heads, 1+T, L] in the
+                    captured layers; `capture_block` is the T positions that predict the text x
+                    the P patch columns.
   lm_token_losses, text_log_likelihood   next-token LM of the text after the prompt (CaptioningModel).
 No ITC, no ITM, no momentum twin.
 """
@@ -29,6 +31,7 @@ from transformers import (
     AutoTokenizer,
     BertTokenizerFast,
     CLIPVisionConfig,
+    DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -109,8 +112,9 @@ def _capturing_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     """transformers' attention-interface signature. A captured layer (in `_CAPTURING`) computes
     eager attention and keeps its softmax probabilities; every other layer is SDPA, as without
     capture.
-    query [N, H, L, d], key/value [N, H_kv, S, d]; mask: bool (True = attend), additive, or
-    None = causal (SDPA's `is_causal` skip)."""
+    query [N, H, Q, d], key/value [N, H_kv, K, d], Q <= K (Q < K: the queries continue a
+    cache); mask: bool [N, 1, Q, K] (True = attend), additive, or None = causal with the
+    queries the last Q of the K positions (SDPA's `is_causal` skip; transformers aligns it so)."""
     store = _CAPTURING.get(id(module))
     if store is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -119,18 +123,18 @@ def _capturing_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
         raise ValueError("attention capture supports plain scaled dot-product decoder attention (no softcap, "
                          "no position bias)")
     groups = query.shape[1] // key.shape[1]                      # GQA: query heads per key/value head
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [N, H, S, d]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # [N, H, K, d]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = (query @ key.transpose(-1, -2)) * scale             # [N, H, L, S]
+    scores = (query @ key.transpose(-1, -2)) * scale             # [N, H, Q, K]
     if attention_mask is None and kwargs.get("is_causal", getattr(module, "is_causal", True)):
         l_q, l_k = scores.shape[-2:]
         attention_mask = torch.ones(l_q, l_k, dtype=torch.bool, device=scores.device).tril(l_k - l_q)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min) \
             if attention_mask.dtype == torch.bool else scores + attention_mask
-    probs = scores.softmax(-1, dtype=_at_least_float32(scores.dtype)).to(query.dtype)  # [N, H, L, S]
+    probs = scores.softmax(-1, dtype=_at_least_float32(scores.dtype)).to(query.dtype)  # [N, H, Q, K]
     store.append(probs)
-    out = F.dropout(probs, p=dropout, training=module.training) @ value  # [N, H, L, d]
+    out = F.dropout(probs, p=dropout, training=module.training) @ value  # [N, H, Q, d]
     return out.transpose(1, 2).contiguous(), probs
 
 
@@ -421,21 +425,50 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
             for layer in captured:
                 del _CAPTURING[id(layer.self_attn)]
 
+    @property
+    def _checkpointing(self) -> bool:
+        """Whether this pass checkpoints decoder layers: transformers then drops their cache
+        (`GradientCheckpointingLayer`), so the shared pass cannot run and the full one does."""
+        lm = self.language_model
+        return lm.training and torch.is_grad_enabled() and any(
+            getattr(layer, "gradient_checkpointing", False) for layer in lm.layers)
+
+    def _shared_cache(self, shared: Tensor, inverse: Tensor) -> DynamicCache:
+        """The decoder's keys/values of the shared positions `shared` [U, S, D], one pass per
+        image, in the graph, gathered to the rows by `inverse` [N]: every layer's [N, heads_kv,
+        S, d]. A new cache per pass, since the row pass appends its own positions to it; filled
+        layer by layer (a generator), so one layer's gathered copy exists at a time."""
+        cache = self.language_model(inputs_embeds=shared, use_cache=True).cache
+        return DynamicCache(((layer.keys[inverse], layer.values[inverse]) for layer in cache.layers),
+                            config=self.language_model.config)
+
     def _decode(self, rows: TextRows, image_embeds: Tensor, layers: tuple[int, ...] = ()
                 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """One decoder pass over [prefix ; image_embeds[rows.image_index] ; suffix ; text]:
-        (last hidden state [N, L, D], the logits that predict the text tokens [N, T, V],
-        the captured probabilities [N, heads, L, L] of `layers`)."""
+        """The decoder over [prefix ; image_embeds[rows.image_index] ; suffix ; text], L positions
+        per row. Its first L-1-T positions (prefix, image, suffix but its last token: S) depend
+        on the image only, so they run once per image and the rows read their keys/values from a
+        cache; each row runs its own Q = 1+T query positions (the last prompt token, which
+        predicts the first text token and whose attention row is part of the map, and the text).
+        Under gradient checkpointing every row runs all of them (Q = L).
+        -> (last hidden state [N, Q, D], the logits that predict the text tokens [N, T, V], the
+        captured probabilities [N, heads, Q, L] of `layers`)."""
         n, t = rows.input_ids.shape
         embed = self.language_model.get_input_embeddings()
-        prefix, suffix = (embed(ids).expand(n, -1, -1) for ids in (self.prefix_ids, self.suffix_ids))  # [N, *, D]
-        image = image_embeds[rows.image_index].to(embed.weight.dtype)  # [N, K, D]
-        embeds = torch.cat([prefix, image, suffix, embed(rows.input_ids)], 1)  # [N, L, D]
-        mask = torch.cat([rows.attention_mask.new_ones(n, self._text_start), rows.attention_mask], 1)  # [N, L]
+        images, inverse = torch.unique(rows.image_index, return_inverse=True)  # [U], [N]: the images the rows use
+        u = len(images)
+        fixed = torch.cat([embed(self.prefix_ids).expand(u, -1, -1), image_embeds[images].to(embed.weight.dtype),
+                           embed(self.suffix_ids).expand(u, -1, -1)], 1)  # [U, L-T, D]
+        text = embed(rows.input_ids)  # [N, T, D]
+        if self._checkpointing:
+            cache, queries = None, torch.cat([fixed[inverse], text], 1)  # [N, L, D]
+        else:
+            cache = self._shared_cache(fixed[:, :-1], inverse)
+            queries = torch.cat([fixed[inverse, -1:], text], 1)  # [N, 1+T, D]
+        mask = torch.cat([rows.attention_mask.new_ones(n, self._text_start), rows.attention_mask], 1)  # [N, L]: keys
         with self._capture(layers) as stores:
-            hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        t0 = self._text_start
-        logits = self.llava.lm_head(hidden[:, t0 - 1: t0 - 1 + t])  # position t0-1+j predicts text token j
+            hidden = self.language_model(inputs_embeds=queries, attention_mask=mask, cache=cache,
+                                         use_cache=cache is not None).last_hidden_state  # [N, Q, D]
+        logits = self.llava.lm_head(hidden[:, -1 - t: -1])  # query Q-1-T+j predicts text token j
         return hidden, logits, [store[0] for store in stores]
 
     @staticmethod
@@ -454,16 +487,19 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         capture_layer: int | Sequence[int] | None = None,
     ) -> FusionOutput:
         """The decoder pass (`_decode`) with its score, the summed log-likelihood of each row's
-        text. A capture is the decoder layer's full self-attention [N, heads, L, L]; its block
-        is (the T positions predicting the text: row j <-> token j <-> mask column j, the P
-        patch columns). The position after the last text token predicts nothing scored."""
+        text. `last_hidden_state` is the row's own last 1+T positions [N, 1+T, D] (the last
+        prompt token, the text). A capture is the decoder layer's self-attention of the pass's
+        query positions [N, heads, Q, L]; its block is (the T positions predicting the text: row
+        j <-> token j <-> mask column j, the P patch columns). The position after the last text
+        token predicts nothing scored."""
         layers = capture_layers(capture_layer, self.num_cross_attention_layers)
         hidden, logits, probs = self._decode(rows, image_embeds, layers)
-        t0, t = self._text_start, rows.input_ids.shape[1]
+        t = rows.input_ids.shape[1]
+        first = hidden.shape[1] - 1 - t  # the query position of the last prompt token: 0, or L-1-T
         image_end = len(self.prefix_ids) + self.num_image_tokens
         patches = self.patch_grid[0] * self.patch_grid[1]
-        return captured_output(capture_layer, hidden, probs, capture_mask=rows.attention_mask,
-                               capture_block=(slice(t0 - 1, t0 - 1 + t), slice(image_end - patches, image_end)),
+        return captured_output(capture_layer, hidden[:, first:], probs, capture_mask=rows.attention_mask,
+                               capture_block=(slice(first, first + t), slice(image_end - patches, image_end)),
                                score=self._token_log_probs(logits, rows).sum(1))
 
     def grounding_score(self, fused: FusionOutput) -> Tensor:
