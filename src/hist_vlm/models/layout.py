@@ -92,13 +92,26 @@ def weights_error(weights, error: Exception, *, shapes: bool = True) -> ValueErr
     return None
 
 
-def load_weights(model, weights) -> None:
+def load_weights(model, weights, saved: set[str] | None = None) -> None:
     """`weights` (a safetensors file) into `model`, every key (strict), or a one-line ValueError
-    naming the file (`weights_error`)."""
-    from safetensors.torch import load_model
+    naming the file (`weights_error`). With `saved` (a model that saves part of its weights,
+    `write_model_folder(tensors=...)`): the file holds a subset of the model's tensors that
+    includes every name in `saved`, strict both ways."""
+    from safetensors.torch import load_file, load_model
 
     try:
-        load_model(model, str(weights), strict=True)
+        if saved is None:
+            load_model(model, str(weights), strict=True)
+        else:
+            tensors = load_file(str(weights))
+            unknown = sorted(set(tensors) - set(model.state_dict()))
+            missing = sorted(saved - set(tensors))
+            if unknown:
+                raise ValueError(f"{weights}: {len(unknown)} tensors this model does not have (e.g. {unknown[0]})")
+            if missing:
+                raise ValueError(f"{weights}: {len(missing)} trained tensors missing (e.g. {missing[0]}); "
+                                 "not a partial checkpoint of this model")
+            model.load_state_dict(tensors, strict=False)
     except Exception as e:  # noqa: BLE001 - sorted by weights_error; others re-raised as they are
         error = weights_error(weights, e)
         if error is None:

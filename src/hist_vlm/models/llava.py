@@ -24,7 +24,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
     AttentionInterface,
@@ -43,7 +42,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from hist_vlm.batch import TextRows
 from hist_vlm.models.base import CaptioningModel, FusionOutput, VisionLanguageBackbone, captured_output, capture_layers
-from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, weights_error, write_model_folder
+from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, load_weights, write_model_folder
 from hist_vlm.models.registry import EvalMap, ForeignFormat, load_backbone, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
 
@@ -368,23 +367,7 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         be a tensor of this model, and each `_saved_keys` tensor must be there (strict both ways)."""
         if not self._adapter_only:
             return super().load_saved_weights(directory)
-        weights = Path(directory) / WEIGHTS_FILE
-        try:
-            tensors = load_file(str(weights))
-            state = self.state_dict()
-            unknown = sorted(set(tensors) - set(state))
-            missing = sorted(self._saved_keys() - set(tensors))
-            if unknown:
-                raise ValueError(f"{weights}: {len(unknown)} tensors this model does not have (e.g. {unknown[0]})")
-            if missing:
-                raise ValueError(f"{weights}: {len(missing)} trained tensors missing (e.g. {missing[0]}); "
-                                 "not an adapter checkpoint of this model")
-            self.load_state_dict(tensors, strict=False)
-        except Exception as e:  # noqa: BLE001 - sorted by weights_error; others re-raised as they are
-            error = weights_error(weights, e)
-            if error is None:
-                raise
-            raise error from None
+        load_weights(self, Path(directory) / WEIGHTS_FILE, self._saved_keys())
 
     # ---------------------------------------------------------------- protocol
     def tokenize(self, texts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
@@ -431,7 +414,7 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         (`GradientCheckpointingLayer`), so the shared pass cannot run and the full one does."""
         lm = self.language_model
         return lm.training and torch.is_grad_enabled() and any(
-            getattr(layer, "gradient_checkpointing", False) for layer in lm.layers)
+            isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing for layer in lm.layers)
 
     def _shared_cache(self, shared: Tensor, inverse: Tensor) -> DynamicCache:
         """The decoder's keys/values of the shared positions `shared` [U, S, D], one pass per
