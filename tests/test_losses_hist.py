@@ -200,3 +200,36 @@ def test_hard_negatives_never_draw_a_positive_when_the_softmax_underflows():
     for u in torch.linspace(0, 0.999, 50):
         neg_img, neg_txt = hard_negatives(feat, feat, torch.tensor(1e-3), pos, u.repeat(3), u.repeat(3))
         assert not pos[torch.arange(3), neg_img].any() and not pos[neg_txt, torch.arange(3)].any()
+
+
+def test_a_step_projects_each_image_to_keys_and_values_once_and_loses_nothing(monkeypatch):
+    """ALBEF: one HIST step fuses its images for ITM (3 kinds), MLM (2 kinds, + momentum) and
+    GradCAM; every cross-attention layer projects them to keys/values once (online and
+    momentum), and the step's loss and gradients are those of passes that recompute them."""
+    from contextlib import nullcontext
+
+    from hist_vlm.models.albef import AlbefModel, AlbefSelfAttention
+
+    def run():
+        torch.manual_seed(0)
+        model = tiny_albef().train()
+        calls: dict[str, int] = {}
+        for name, m in model.named_modules():
+            if isinstance(m, AlbefSelfAttention) and "crossattention" in name:
+                m.key.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+        out = HistLoss(HistLossConfig(schedule="constant", capture_layers=(0,)), model)(model, hist_batch(model), 0.5)
+        out["loss"].backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls
+
+    out, grads, calls = run()
+    online = {n: c for n, c in calls.items() if "_m." not in n}
+    assert len(online) == 2 and set(online.values()) == {1}              # the tiny ALBEF's 2 cross-attention layers
+    assert len(calls) == 4 and set(calls.values()) == {1}                 # + the momentum copies (MLM distillation)
+    monkeypatch.setattr(AlbefModel, "reusing_image_projections", lambda self: nullcontext())
+    again, grads_again, calls_again = run()
+    assert calls_again == {n: 6 if "_m." not in n else 2 for n in calls}  # per pass: ITM x3, MLM x2, GradCAM
+    for key in ("loss", "itm", "phrase_itm", "phrase_mlm", "subject_itm", "add"):
+        torch.testing.assert_close(out[key], again[key], rtol=0, atol=0)
+    assert grads.keys() == grads_again.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, grads_again[n], rtol=1e-5, atol=1e-8, msg=lambda m: f"{n}: {m}")

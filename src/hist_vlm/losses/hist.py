@@ -286,6 +286,10 @@ class HistLoss(nn.Module):
         return {k: EncodedText.encode(model, twin, getattr(batch, k), unimodal) for k in kinds}
 
     def forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
+        with model.reusing_image_projections():  # the step's terms read the same images
+            return self._forward(model, batch, progress)
+
+    def _forward(self, model: VisionLanguageBackbone, batch: HistBatch, progress: float) -> dict[str, Tensor]:
         cfg = self.config
         w = hist_weight(cfg.schedule, progress, cfg.paper_ramp_epochs)
         # "off" (w = 0): the HIST terms are not computed at all. A zero-weight term is skipped

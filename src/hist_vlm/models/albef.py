@@ -10,13 +10,14 @@ values are projected once per image and then gathered for the text rows that poi
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -212,9 +213,25 @@ class AlbefSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, width)
         self.value = nn.Linear(kv_width, width)
         self.dropout = nn.Dropout(dropout)
+        #: while `AlbefModel.reusing_image_projections` is active: the image embeddings last
+        #: projected and their keys/values, ((kv, grad mode, autocast), k, v); None = off
+        self.kv_memo: list | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [*, H, L, d]
+
+    def _image_keys(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, S, Dv] -> keys, values [B, H, S, d]; with the memo on, projected once per image
+        embeddings tensor (and grad/autocast mode, so a no-grad projection never serves a pass
+        that trains) and reused by every later pass that reads the same tensor."""
+        key = (kv, torch.is_grad_enabled(), torch.is_autocast_enabled(kv.device.type))
+        memo = self.kv_memo
+        if memo and memo[0][0] is kv and memo[0][1:] == key[1:]:
+            return memo[1], memo[2]
+        k, v = self._heads(self.key(kv)), self._heads(self.value(kv))
+        if memo is not None:
+            memo[:] = [key, k, v]
+        return k, v
 
     def forward(
         self,
@@ -224,10 +241,11 @@ class AlbefSelfAttention(nn.Module):
         kv_index: Tensor | None = None,    # [N] row -> kv row
         need_probs: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        source = hidden if kv is None else kv
         q = self._heads(self.query(hidden))  # [N, H, T, d]
-        k = self._heads(self.key(source))    # [B, H, S, d]
-        v = self._heads(self.value(source))
+        if kv is None:
+            k, v = self._heads(self.key(hidden)), self._heads(self.value(hidden))  # [N, H, T, d]
+        else:
+            k, v = self._image_keys(kv)  # [B, H, S, d]
         if kv_index is not None:
             k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)  # [N, H, S, d]
         probs = None
@@ -559,6 +577,20 @@ class AlbefModel(_AlbefTowers, VisionLanguageBackbone, ContrastiveModel, Matchin
         """Momentum copies := online weights (ALBEF's `copy_params`)."""
         online, ema = self._momentum_pairs()
         torch._foreach_copy_(ema, online)
+
+    @contextlib.contextmanager
+    def reusing_image_projections(self) -> Iterator[None]:
+        """Within: each cross-attention layer (online and momentum) projects an image-embeddings
+        tensor to keys/values once and every later pass on the same tensor reuses them: one HIST
+        step fuses the same images for ITM (every text kind), MLM and GradCAM."""
+        attentions = [m for m in self.modules() if isinstance(m, AlbefSelfAttention)]
+        for m in attentions:
+            m.kv_memo = []
+        try:
+            yield
+        finally:
+            for m in attentions:
+                m.kv_memo = None
 
     # --- reference-parity entry points (ALBEF's evaluation code, as functions) ---
 

@@ -8,9 +8,10 @@ points at its image through an `image_index` tensor, and image embeddings are ga
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self, Sequence
+from typing import Any, ClassVar, Iterator, Self, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -188,6 +189,14 @@ class VisionLanguageBackbone(nn.Module, abc.ABC):
     def grounding_score(self, fused: FusionOutput) -> Tensor:
         """[N] the per-row score GradCAM differentiates, G = ReLU(A * d score / dA): the ITM
         match logit of an encoder (the paper), the text's log-likelihood of a decoder."""
+
+    @contextlib.contextmanager
+    def reusing_image_projections(self) -> Iterator[None]:
+        """Within: work that depends on an image alone (ALBEF: the cross-attention keys and values
+        of its embeddings) may be done once and reused by every pass over the same image
+        embeddings tensor, as in one training step's terms. The results are those of passes
+        that recompute it. Default: nothing is reused."""
+        yield
 
     # ---------------------------------------------------------------- momentum (optional)
     def momentum_twin(self) -> MomentumTwin | None:
