@@ -464,3 +464,38 @@ def test_cli_trains_a_tiny_llava_then_points_sweeps_and_grounds_with_its_checkpo
     res = runner.invoke(app, ["eval", "retrieval", str(config), "--checkpoint", str(ckpt), "--data", "synthetic",
                               "--ann", str(world / "captions_test.jsonl"), "--image-root", str(world)], env=env)
     assert res.exit_code == 2 and "the llava backbone has no ITC features and ITM head" in res.output
+
+
+def test_a_hist_step_runs_the_shared_positions_once_and_loses_nothing(monkeypatch):
+    """One HIST step's LM, rank and GradCAM passes all read the same images: within the step
+    their prompt-and-image positions run through the decoder once, and the step's loss and
+    gradients are those of passes that each run their own (float64: only the order of the
+    gradient sums differs)."""
+    from contextlib import nullcontext
+
+    from hist_vlm.losses.hist import HistLoss, HistLossConfig
+    from losses_fixtures import hist_batch
+
+    float64_rms_norm(monkeypatch)
+
+    def run():
+        torch.manual_seed(0)
+        model = _tiny(dtype=torch.float64).train()
+        shared = []
+        model.language_model.register_forward_pre_hook(
+            lambda _, args, kwargs: shared.append(1) if kwargs.get("cache") is None else None, with_kwargs=True)
+        loss = HistLoss(HistLossConfig(schedule="constant", capture_layers=(1,), add_normalize="minmax"), model)
+        out = loss.to(torch.float64)(model, hist_batch(model), 0.5)
+        out["loss"].backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(shared)
+
+    out, grads, passes = run()
+    assert passes == 1
+    monkeypatch.setattr(LlavaBackbone, "reusing_image_projections", lambda self: nullcontext())
+    again, grads_again, passes_again = run()
+    assert passes_again == 6  # LM of captions and phrases, rank of 3 kinds, GradCAM
+    for key in ("loss", "mlm", "rank", "phrase_mlm", "phrase_rank", "subject_rank", "add"):
+        torch.testing.assert_close(out[key], again[key], rtol=1e-12, atol=1e-14)
+    assert grads.keys() == grads_again.keys() and len(grads) > 0
+    for n, g in grads.items():
+        torch.testing.assert_close(g, grads_again[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")

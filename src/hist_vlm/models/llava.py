@@ -220,6 +220,9 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
             p.requires_grad_(self._trains(name))
         #: what this configuration trains: what an adapter-only checkpoint must hold
         self._trained = frozenset(name for name, p in self.named_parameters() if p.requires_grad)
+        #: while `reusing_image_projections` is active: ((image embeddings, grad mode, autocast),
+        #: the shared pass's per-layer keys/values); None = off
+        self._shared_memo: list | None = None
 
     def _trains(self, name: str) -> bool:
         """Whether parameter `name` trains: the vision tower unless frozen; with LoRA only the
@@ -416,14 +419,35 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         return lm.training and torch.is_grad_enabled() and any(
             isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing for layer in lm.layers)
 
-    def _shared_cache(self, shared: Tensor, inverse: Tensor) -> DynamicCache:
+    def _shared_cache(self, shared: Tensor, inverse: Tensor, source: Tensor) -> DynamicCache:
         """The decoder's keys/values of the shared positions `shared` [U, S, D], one pass per
         image, in the graph, gathered to the rows by `inverse` [N]: every layer's [N, heads_kv,
         S, d]. A new cache per pass, since the row pass appends its own positions to it; filled
-        layer by layer (a generator), so one layer's gathered copy exists at a time."""
-        cache = self.language_model(inputs_embeds=shared, use_cache=True).cache
-        return DynamicCache(((layer.keys[inverse], layer.values[inverse]) for layer in cache.layers),
+        layer by layer (a generator), so one layer's gathered copy exists at a time. Within
+        `reusing_image_projections`, the shared pass of the image embeddings `source` (and
+        grad/autocast mode) runs once and later passes on the same tensor reuse its keys/values."""
+        key = (source, torch.is_grad_enabled(), torch.is_autocast_enabled(source.device.type))
+        memo = self._shared_memo
+        if memo and memo[0][0] is source and memo[0][1:] == key[1:]:
+            layers = memo[1]
+        else:
+            cache = self.language_model(inputs_embeds=shared, use_cache=True).cache
+            layers = [(layer.keys, layer.values) for layer in cache.layers]  # [U, heads_kv, S, d] each
+            if memo is not None:
+                memo[:] = [key, layers]
+        return DynamicCache(((keys[inverse], values[inverse]) for keys, values in layers),
                             config=self.language_model.config)
+
+    @contextlib.contextmanager
+    def reusing_image_projections(self) -> Iterator[None]:
+        """Within: the shared positions (prompt and image) of every image in an image-embeddings
+        tensor run through the decoder once, and every pass on the same tensor (one HIST step's
+        LM, rank and GradCAM passes) reads their keys/values."""
+        self._shared_memo = []
+        try:
+            yield
+        finally:
+            self._shared_memo = None
 
     def _decode(self, rows: TextRows, image_embeds: Tensor, layers: tuple[int, ...] = ()
                 ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -437,7 +461,10 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         captured probabilities [N, heads, Q, L] of `layers`)."""
         n, t = rows.input_ids.shape
         embed = self.language_model.get_input_embeddings()
-        images, inverse = torch.unique(rows.image_index, return_inverse=True)  # [U], [N]: the images the rows use
+        if self._shared_memo is None:
+            images, inverse = torch.unique(rows.image_index, return_inverse=True)  # [U], [N]: the images the rows use
+        else:  # every image, once for all the passes that share them
+            images, inverse = torch.arange(len(image_embeds), device=rows.image_index.device), rows.image_index
         u = len(images)
         fixed = torch.cat([embed(self.prefix_ids).expand(u, -1, -1), image_embeds[images].to(embed.weight.dtype),
                            embed(self.suffix_ids).expand(u, -1, -1)], 1)  # [U, L-T, D]
@@ -445,7 +472,7 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         if self._checkpointing:
             cache, queries = None, torch.cat([fixed[inverse], text], 1)  # [N, L, D]
         else:
-            cache = self._shared_cache(fixed[:, :-1], inverse)
+            cache = self._shared_cache(fixed[:, :-1], inverse, image_embeds)
             queries = torch.cat([fixed[inverse, -1:], text], 1)  # [N, 1+T, D]
         mask = torch.cat([rows.attention_mask.new_ones(n, self._text_start), rows.attention_mask], 1)  # [N, L]: keys
         with self._capture(layers) as stores:
