@@ -499,3 +499,25 @@ def test_a_hist_step_runs_the_shared_positions_once_and_loses_nothing(monkeypatc
     assert grads.keys() == grads_again.keys() and len(grads) > 0
     for n, g in grads.items():
         torch.testing.assert_close(g, grads_again[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+def test_the_rank_term_is_the_likelihood_ranking_written_out():
+    """rank = mean softplus(s(T | other image) - s(T | own image)) over the captions, the other
+    image from the first shared-seed draws (the LM term draws nothing); the tiny LLaVA's
+    likelihood depends on its image, so the check has something to compare."""
+    from hist_vlm.losses.hist import HistLoss, HistLossConfig
+    from hist_vlm.losses.itm import sample_rows
+    from losses_fixtures import hist_batch
+
+    torch.manual_seed(0)
+    model = _tiny()
+    batch = hist_batch(model)
+    out = HistLoss(HistLossConfig(schedule="off"), model)(model, batch, 0.5)
+    caps = batch.captions
+    with torch.no_grad():
+        image_embeds = model.encode_image(batch.pixel_values)
+        other = sample_rows(1.0 - torch.eye(4), torch.rand(4, generator=torch.Generator().manual_seed(0)))
+        own = model.text_log_likelihood(caps, image_embeds)
+        neg = model.text_log_likelihood(TextRows(caps.input_ids, caps.attention_mask, other), image_embeds)
+    assert (own - neg).abs().max() > 1e-4  # the image matters
+    torch.testing.assert_close(out["rank"].detach(), torch.nn.functional.softplus(neg - own).mean())
