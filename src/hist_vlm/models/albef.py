@@ -37,6 +37,7 @@ from hist_vlm.batch import TextRows
 from hist_vlm.models.base import (
     ContrastiveModel,
     FusionOutput,
+    ImageMemo,
     MatchingModel,
     MaskedLanguageModel,
     MaskTokens,
@@ -213,25 +214,17 @@ class AlbefSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, width)
         self.value = nn.Linear(kv_width, width)
         self.dropout = nn.Dropout(dropout)
-        #: while `AlbefModel.reusing_image_projections` is active: the image embeddings last
-        #: projected and their keys/values, ((kv, grad mode, autocast), k, v); None = off
-        self.kv_memo: list | None = None
+        #: the keys/values of the image embeddings last projected, kept while
+        #: `AlbefModel.reusing_image_projections` is active
+        self.kv_memo = ImageMemo()
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # [*, H, L, d]
 
     def _image_keys(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, S, Dv] -> keys, values [B, H, S, d]; with the memo on, projected once per image
-        embeddings tensor (and grad/autocast mode, so a no-grad projection never serves a pass
-        that trains) and reused by every later pass that reads the same tensor."""
-        key = (kv, torch.is_grad_enabled(), torch.is_autocast_enabled(kv.device.type))
-        memo = self.kv_memo
-        if memo and memo[0][0] is kv and memo[0][1:] == key[1:]:
-            return memo[1], memo[2]
-        k, v = self._heads(self.key(kv)), self._heads(self.value(kv))
-        if memo is not None:
-            memo[:] = [key, k, v]
-        return k, v
+        """[B, S, Dv] -> keys, values [B, H, S, d]; within `reusing_image_projections`, projected
+        once per image-embeddings tensor and reused by every later pass that reads it."""
+        return self.kv_memo.get(kv, lambda: (self._heads(self.key(kv)), self._heads(self.value(kv))))
 
     def forward(
         self,
@@ -583,14 +576,11 @@ class AlbefModel(_AlbefTowers, VisionLanguageBackbone, ContrastiveModel, Matchin
         """Within: each cross-attention layer (online and momentum) projects an image-embeddings
         tensor to keys/values once and every later pass on the same tensor reuses them: one HIST
         step fuses the same images for ITM (every text kind), MLM and GradCAM."""
-        attentions = [m for m in self.modules() if isinstance(m, AlbefSelfAttention)]
-        for m in attentions:
-            m.kv_memo = []
-        try:
+        with contextlib.ExitStack() as scopes:
+            for m in self.modules():
+                if isinstance(m, AlbefSelfAttention):
+                    scopes.enter_context(m.kv_memo.active())
             yield
-        finally:
-            for m in attentions:
-                m.kv_memo = None
 
     # --- reference-parity entry points (ALBEF's evaluation code, as functions) ---
 

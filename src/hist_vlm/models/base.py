@@ -11,7 +11,7 @@ import abc
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Self, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Self, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,35 @@ def captured_output(
     FusionOutput's other fields (`capture_block`, `score`)."""
     single = probs[0] if isinstance(capture_layer, int) else None
     return FusionOutput(last_hidden_state, single, tuple(probs), capture_mask, **fields)
+
+
+class ImageMemo:
+    """What a backbone computes from an image-embeddings tensor alone (ALBEF's cross-attention
+    keys/values, LLaVA's shared prompt-and-image pass), kept while a scope is `active()` (a
+    backbone's `reusing_image_projections`): one entry, keyed on the tensor object, the grad mode
+    and autocast, so a no-grad result never serves a pass that trains. Off: computed every time."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self._key: tuple | None = None
+        self._value: Any = None
+
+    def get(self, source: Tensor, compute: Callable[[], Any]) -> Any:
+        """`compute()`, or what it gave for `source` before in this scope."""
+        if not self.on:
+            return compute()
+        modes = (torch.is_grad_enabled(), torch.is_autocast_enabled(source.device.type))
+        if self._key is None or self._key[0] is not source or self._key[1:] != modes:
+            self._key, self._value = (source, *modes), compute()
+        return self._value
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on, self._key, self._value = False, None, None
 
 
 def mean_log_likelihood(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:

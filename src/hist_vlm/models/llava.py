@@ -41,7 +41,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from hist_vlm.batch import TextRows
-from hist_vlm.models.base import CaptioningModel, FusionOutput, VisionLanguageBackbone, captured_output, capture_layers
+from hist_vlm.models.base import (CaptioningModel, FusionOutput, ImageMemo, VisionLanguageBackbone, captured_output,
+                                  capture_layers)
 from hist_vlm.models.layout import CONFIG_FILE, WEIGHTS_FILE, load_weights, write_model_folder
 from hist_vlm.models.registry import EvalMap, ForeignFormat, load_backbone, register, transformers_model_type
 from hist_vlm.models.tokenization import default_vocab_file
@@ -220,9 +221,8 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
             p.requires_grad_(self._trains(name))
         #: what this configuration trains: what an adapter-only checkpoint must hold
         self._trained = frozenset(name for name, p in self.named_parameters() if p.requires_grad)
-        #: while `reusing_image_projections` is active: ((image embeddings, grad mode, autocast),
-        #: the shared pass's per-layer keys/values); None = off
-        self._shared_memo: list | None = None
+        #: the shared pass's per-layer keys/values, kept while `reusing_image_projections` is active
+        self._shared_memo = ImageMemo()
 
     def _trains(self, name: str) -> bool:
         """Whether parameter `name` trains: the vision tower unless frozen; with LoRA only the
@@ -426,15 +426,11 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         layer by layer (a generator), so one layer's gathered copy exists at a time. Within
         `reusing_image_projections`, the shared pass of the image embeddings `source` (and
         grad/autocast mode) runs once and later passes on the same tensor reuse its keys/values."""
-        key = (source, torch.is_grad_enabled(), torch.is_autocast_enabled(source.device.type))
-        memo = self._shared_memo
-        if memo and memo[0][0] is source and memo[0][1:] == key[1:]:
-            layers = memo[1]
-        else:
+        def shared_pass() -> list[tuple[Tensor, Tensor]]:  # [U, heads_kv, S, d] each
             cache = self.language_model(inputs_embeds=shared, use_cache=True).cache
-            layers = [(layer.keys, layer.values) for layer in cache.layers]  # [U, heads_kv, S, d] each
-            if memo is not None:
-                memo[:] = [key, layers]
+            return [(layer.keys, layer.values) for layer in cache.layers]
+
+        layers = self._shared_memo.get(source, shared_pass)
         return DynamicCache(((keys[inverse], values[inverse]) for keys, values in layers),
                             config=self.language_model.config)
 
@@ -443,11 +439,8 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         """Within: the shared positions (prompt and image) of every image in an image-embeddings
         tensor run through the decoder once, and every pass on the same tensor (one HIST step's
         LM, rank and GradCAM passes) reads their keys/values."""
-        self._shared_memo = []
-        try:
+        with self._shared_memo.active():
             yield
-        finally:
-            self._shared_memo = None
 
     def _decode(self, rows: TextRows, image_embeds: Tensor, layers: tuple[int, ...] = ()
                 ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -461,7 +454,7 @@ class LlavaBackbone(VisionLanguageBackbone, CaptioningModel):
         captured probabilities [N, heads, Q, L] of `layers`)."""
         n, t = rows.input_ids.shape
         embed = self.language_model.get_input_embeddings()
-        if self._shared_memo is None:
+        if not self._shared_memo.on:
             images, inverse = torch.unique(rows.image_index, return_inverse=True)  # [U], [N]: the images the rows use
         else:  # every image, once for all the passes that share them
             images, inverse = torch.arange(len(image_embeds), device=rows.image_index.device), rows.image_index
