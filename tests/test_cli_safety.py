@@ -16,16 +16,8 @@ import torch
 from PIL import Image
 
 from hist_vlm.cli import run
+from train_helpers import TINY_ALBEF_YAML
 
-TINY = """
-model:
-  name: albef
-  params: {image_size: 64, patch_size: 16, vision_width: 32, vision_depth: 2, vision_heads: 2,
-           text_width: 32, text_layers: 3, text_heads: 2, text_intermediate_size: 64,
-           fusion_layer: 1, embed_dim: 16, momentum: false, max_position_embeddings: 40}
-run:
-  dir: RUNDIR
-"""
 PREVIOUS = '{"previous": "result"}\n' * 2000   # an earlier run's 46 KB of results
 PREVIOUS_SUMMARY = '{"previous": "summary"}\n'
 
@@ -40,7 +32,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("safety")
     config = root / "tiny.yaml"
-    config.write_text(TINY.replace("RUNDIR", str(root / "run")))
+    config.write_text(TINY_ALBEF_YAML.replace("RUNDIR", str(root / "run")))
     torch.manual_seed(0)
     build_backbone("albef", load_config(config).model.params).save_pretrained(root / "model")
     generate_world(root / "world", n_train=0, n_val=2, n_test=100, image_size=64, seed=2, progress=False)

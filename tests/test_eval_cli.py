@@ -7,6 +7,8 @@ from typer.testing import CliRunner
 
 from hist_vlm.cli import app
 from hist_vlm.demo.synthetic import generate_world
+from train_helpers import TINY_ALBEF_YAML
+
 
 def _run(argv):
     # wide terminal: error boxes must not wrap the long temporary paths
@@ -18,19 +20,6 @@ def _map_lines(res):
     return [x for x in res.stderr.splitlines() if x.startswith("GradCAM map:")]
 
 
-TINY = """
-model:
-  name: albef
-  params: {image_size: 64, patch_size: 16, vision_width: 32, vision_depth: 2, vision_heads: 2,
-           text_width: 32, text_layers: 3, text_heads: 2, text_intermediate_size: 64,
-           fusion_layer: 1, embed_dim: 16, momentum: false, max_position_embeddings: 40}
-loss:
-  capture_layers: [1]
-run:
-  dir: RUNDIR
-"""
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from hist_vlm.models import build_backbone
@@ -39,7 +28,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "run").mkdir()
     config = root / "tiny.yaml"
-    config.write_text(TINY.replace("RUNDIR", str(root / "run")))
+    config.write_text(TINY_ALBEF_YAML.replace("RUNDIR", str(root / "run")))
     cfg = load_config(config)
     torch.manual_seed(0)
     model = build_backbone("albef", cfg.model.params)
@@ -95,7 +84,7 @@ def test_eval_pointing_one_split_and_explicit_layer(setup):
 def test_the_backbone_map_is_the_default_not_the_training_layer_and_options_override_it(setup, options, line):
     root, _, ckpt = setup
     config = root / "trained_at_0.yaml"  # trained through layer 0; the evaluation map is ALBEF's (layer 1 here)
-    config.write_text(TINY.replace("RUNDIR", str(root / "run")).replace("capture_layers: [1]", "capture_layers: [0]"))
+    config.write_text(TINY_ALBEF_YAML.replace("RUNDIR", str(root / "run")).replace("capture_layers: [1]", "capture_layers: [0]"))
     res = _run(["eval", "pointing", str(config), "--checkpoint", str(ckpt), "--data", "synthetic", "--split", "test",
                 "--device", "cpu", "--num-workers", "0", *options])
     assert res.exit_code == 0, res.output

@@ -66,3 +66,17 @@ def tiny_overrides(phrases: Path, images: Path, run_dir: Path, *extra: str) -> l
 
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+#: a tiny ALBEF training config for the CLI tests (RUNDIR: the run folder)
+TINY_ALBEF_YAML = """
+model:
+  name: albef
+  params: {image_size: 64, patch_size: 16, vision_width: 32, vision_depth: 2, vision_heads: 2,
+           text_width: 32, text_layers: 3, text_heads: 2, text_intermediate_size: 64,
+           fusion_layer: 1, embed_dim: 16, momentum: false, max_position_embeddings: 40}
+loss:
+  capture_layers: [1]
+run:
+  dir: RUNDIR
+"""
