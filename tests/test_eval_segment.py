@@ -10,7 +10,8 @@ from PIL import Image
 
 from hist_vlm.data.grounding import GroundingRecord
 from hist_vlm.eval.segment import SamSegmenter, evaluate_segmentation, prompt_points
-from test_eval_cli import TINY, _run  # the tiny ALBEF config and CLI runner of the eval CLI tests
+from test_eval_cli import _run  # the CLI runner of the eval CLI tests
+from train_helpers import TINY_ALBEF_YAML
 
 SAM_SIDE = 64  # the tiny SAM's input: longest image side resized to 64, padded to 64 x 64
 
@@ -182,7 +183,7 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("segcli")
     config = root / "tiny.yaml"
-    config.write_text(TINY.replace("RUNDIR", str(root / "run")))
+    config.write_text(TINY_ALBEF_YAML.replace("RUNDIR", str(root / "run")))
     torch.manual_seed(0)
     ckpt = root / "run" / "checkpoints" / "step-00000001"
     build_backbone("albef", load_config(config).model.params).save_pretrained(ckpt / "model")
